@@ -1,0 +1,46 @@
+# sg2-live: every setup step a fresh machine needs is here, so the README's two commands
+# (`make serve`, `make test`) work from a clean clone.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+EXTRAS ?= dev,direct,livekit
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps test lint format serve bench clean
+
+# Python environment: recreated only when the dependency declarations change.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+setup: system-deps $(STAMP)
+
+# System packages and Go-built servers (idempotent; see scripts/install_system_deps.sh).
+system-deps:
+	./scripts/install_system_deps.sh
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check sg2_runtime agent tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format sg2_runtime agent tests benchmarks
+	$(VENV)/bin/ruff check --fix .
+
+serve: setup
+	$(VENV)/bin/sg2 serve --preset tiny-random
+
+bench: $(STAMP)
+	$(PY) benchmarks/codec_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""The engine's network API (OpenAI-Realtime-compatible WebSocket server)."""
