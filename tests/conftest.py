@@ -1,0 +1,34 @@
+"""Shared test fixtures: where the reference golden data lives, deterministic torch settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _find_reference_dir() -> Path:
+    """Locate `sg2_reference/` (golden tensors, tiny checkpoints, real speech).
+
+    Looked up in $SG2_REFERENCE_DIR, then `shared/` inside the checkout, then `../shared/`
+    beside it. A missing directory is an error, never a skip: CI must run every test.
+    """
+    candidates = []
+    if os.environ.get("SG2_REFERENCE_DIR"):
+        candidates.append(Path(os.environ["SG2_REFERENCE_DIR"]))
+    candidates += [REPO_ROOT / "shared" / "sg2_reference", REPO_ROOT.parent / "shared" / "sg2_reference"]
+    for path in candidates:
+        if (path / "README.md").is_file():
+            return path
+    raise FileNotFoundError(
+        "sg2_reference golden data not found; set SG2_REFERENCE_DIR. Looked in: "
+        + ", ".join(str(p) for p in candidates)
+    )
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    return _find_reference_dir()
