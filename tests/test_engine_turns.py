@@ -66,7 +66,9 @@ def test_barge_in_long_speech_interrupts_short_sound_resumes() -> None:
 
 def test_real_speech_clip_is_one_turn_with_default_options(reference_dir) -> None:
     wav, rate = sf.read(reference_dir / "audio" / "demo_en.wav", dtype="float32")
-    x = soxr.resample(np.concatenate([np.zeros(rate // 2, np.float32), wav, np.zeros(rate, np.float32)]), rate, 16000)
+    x = soxr.resample(
+        np.concatenate([np.zeros(rate // 2, np.float32), wav, np.zeros(rate, np.float32)]), rate, 16000
+    )
     vad = BatchedVAD(1)
     det = TurnDetector(TurnDetection())
     signals = []
