@@ -115,8 +115,8 @@ def build_model(
 ) -> CodecModel:
     """Validate, fold weight norm once, move/cast and pack: an eval-mode inference model."""
     sd = check_tensor_dict(state_dict)
+    validate_state_dict(sd, released_shapes(config), config_name)  # before allocating anything
     model = CodecModel(config)
-    validate_state_dict(sd, model.released_shapes(), config_name)
     model.load_released(sd)
     return model.to_runtime(device, dtype)
 
@@ -125,9 +125,10 @@ def build_random_codec_checkpoint(config: CodecConfig, seed: int = 0) -> dict[st
     """A random-weight state dict in the released format for any config (tests, benchmarks).
 
     Scales are chosen so activations stay O(1) through the network: weight-normalised weights get
-    unit-norm rows, layer scales and ConvNeXt gammas 0.1, LayerNorms near identity, and codebooks
-    small next to the encoder output so that the nearest codeword follows the input's direction
-    (tokens vary with the audio instead of collapsing onto one codeword).
+    unit-norm rows, layer scales and ConvNeXt gammas 0.1, LayerNorms near identity. Codebooks are
+    then fitted to the random encoder: each stage's codewords are drawn around the per-dimension
+    mean/spread of that stage's residual on a synthetic calibration signal, so tokens vary with
+    the audio instead of collapsing onto a few codewords (which would make token tests vacuous).
     """
     gen = torch.Generator().manual_seed(seed)
     mel = config.mel_kwargs
@@ -152,8 +153,7 @@ def build_random_codec_checkpoint(config: CodecConfig, seed: int = 0) -> dict[st
         elif key.endswith((".inited", ".cluster_size")):
             value = torch.ones(shape)
         elif key.endswith(".embed"):
-            layer = int(key.split(".")[-2])
-            value = normal(shape, 0.3 / (2**layer))
+            value = normal(shape, 1.0)  # replaced by _fit_codebooks
         elif key.endswith(".embed_avg"):
             continue  # copied from embed below
         elif key.endswith((".gamma", ".scale")):
@@ -165,11 +165,39 @@ def build_random_codec_checkpoint(config: CodecConfig, seed: int = 0) -> dict[st
         else:  # pragma: no cover - guards against a new key kind slipping through
             raise CodecCheckpointError(f"random checkpoint: no rule for key {key}")
         out[key] = value.float().contiguous()
+    _fit_codebooks(config, out, gen)
     for key in list(out):
         if key.endswith(".embed"):
             out[key[: -len("embed")] + "embed_avg"] = out[key].clone()
     expected = released_shapes(config)
     return {k: out[k] for k in expected}
+
+
+@torch.no_grad()
+def _fit_codebooks(config: CodecConfig, sd: dict[str, Tensor], gen: torch.Generator) -> None:
+    """Draw each RVQ stage's codewords around the statistics of its residual (see caller)."""
+    model = CodecModel(config)
+    model.load_released(sd)
+    model.to_runtime(torch.device("cpu"), torch.float32)
+    rate, n = config.sample_rate, config.frame_samples * 100
+    t = torch.arange(n, dtype=torch.float32) / rate
+    tone = sum(
+        torch.sin(2 * math.pi * f * t * (1 + 0.3 * torch.sin(2 * math.pi * 0.7 * t))) for f in (140, 310, 900)
+    )
+    noise = torch.randn(n, generator=gen) * 0.05
+    envelope = 0.5 + 0.5 * torch.sin(2 * math.pi * 1.3 * t).abs()
+    audio = (0.1 * tone + noise) * envelope
+    residual = model.latent(audio.view(1, -1)).reshape(-1, config.quantizer_kwargs.code_dim).float()
+    vq = model.quantizer
+    for i, lin in enumerate(vq.codebooks):
+        mean, spread = residual.mean(0), residual.std(0) + 1e-6
+        embed = mean + 0.7 * spread * torch.randn(vq.size, vq.dim, generator=gen)
+        sd[f"quantizer.codebook.layers.{i}.embed"] = embed.contiguous()
+        lin.weight.copy_(embed)
+        lin.prepare()
+        vq.embed_sq[i].copy_(embed.t().pow(2).sum(0, keepdim=True))
+        dist = residual.pow(2).sum(1, keepdim=True) - 2 * lin(residual) + vq.embed_sq[i]
+        residual = residual - embed[dist.argmin(dim=-1)]
 
 
 def save_codec_checkpoint(state_dict: Mapping[str, Tensor], path: str | Path) -> None:

@@ -77,7 +77,10 @@ class SG2Codec:
             raise ValueError(f"audio must be (batch, 1, samples), got {shape}")
         x = audio.reshape(audio.shape[0], -1).to(device=self.device, dtype=torch.float32)
         store: Intermediates | None = {} if return_intermediates else None
-        tokens = self.model.encode(x, store)
+        if self.num_frames(x.shape[-1]) == 0:
+            tokens = torch.zeros(self.n_q, x.shape[0], 0, dtype=torch.long, device=self.device)
+        else:
+            tokens = self.model.encode(x, store)
         return (tokens, store) if store is not None else tokens
 
     @torch.no_grad()

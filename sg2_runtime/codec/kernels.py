@@ -1,19 +1,22 @@
 """Compute primitives whose per-row results do not depend on how many rows are computed together.
 
 Why this file exists: batched streaming must give every slot exactly the numbers it would get
-alone (so a call's audio never depends on who else is on the GPU/CPU at the time). On CPU the
-stock kernels break that: MKL's sgemm takes different code paths for 1..11 rows than for 12+
-rows, and `F.conv1d` / `conv_transpose1d` at batch 1 use another algorithm than at batch > 1, so
-the same input row gives outputs that differ in the last bits depending on the batch size.
+alone (so a call's audio never depends on who else is being served at the time). On CPU the stock
+kernels break that: MKL's sgemm takes different code paths for 1..11 rows than for 12+ rows, and
+`F.conv1d` / `conv_transpose1d` for dense kernels use another algorithm at batch 1 than at batch
+> 1, so the same input row gives outputs that differ in the last bits depending on the batch size.
 
-Everything channel-mixing therefore goes through :class:`Linear`, which on CPU float32 uses
-oneDNN's inner-product primitive with a weight reordered ("packed") once at load time. That
-primitive computes each output row the same way whatever the row count (tested down to 1 row),
-and is also 1.5-3x faster than `F.linear` for the few-row matmuls streaming produces. Where the
-packed primitive is unavailable (other dtypes, builds without oneDNN) small CPU matmuls are padded
-to `_MIN_ROWS` rows, which puts MKL on its row-count-independent path. Convolutions are built from
-`Linear` (im2col for dense/grouped kernels, overlap-add for transposed ones) or from elementwise
-multiply-adds (depthwise), which are batch-independent by construction.
+Channel mixing therefore goes through :class:`Linear`, which on CPU float32 uses oneDNN's
+inner-product primitive with the weight reordered ("packed") once at load time. That primitive
+computes each output row the same way for any row count >= 2 (a single row takes a separate
+matrix-vector path when K > 1024, so one row is padded to two), and it is 1.5-3x faster than
+`F.linear` for the few-row matmuls streaming produces. Where it is unavailable (other dtypes,
+builds without oneDNN), small CPU matmuls are padded to `_MIN_ROWS` rows, which puts MKL on its
+row-count-independent path. Dense convolutions are im2col + `Linear`, transposed convolutions
+`Linear` + overlap-add, depthwise ones per-tap multiply-adds (elementwise, so independent by
+construction); the grouped HiFi-GAN convolutions use oneDNN's grouped convolution, whose
+per-sample results do not depend on the batch (checked at the real shapes in
+tests/test_codec_kernels.py).
 
 On CUDA the guarantee is not claimed (cuBLAS picks kernels by shape); `F.linear` is used as is.
 """
@@ -70,7 +73,10 @@ class Linear(nn.Module):
         if rows == 0:
             return x.new_zeros(*lead, self.out_features)
         if self._packed is not None and x2.device.type == "cpu" and x2.dtype == torch.float32:
+            if rows == 1:  # one row would take the matrix-vector path: different rounding
+                x2 = torch.cat([x2, x2.new_zeros(1, self.in_features)])
             y = torch.ops.mkldnn._linear_pointwise(x2.contiguous(), self._packed, self.bias, "none", [], "")
+            y = y[:rows]
         elif x2.device.type == "cpu" and rows < _MIN_ROWS:
             padded = x2.new_zeros(_MIN_ROWS, self.in_features)
             padded[:rows] = x2

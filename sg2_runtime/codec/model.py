@@ -174,6 +174,10 @@ class CodecModel(nn.Module):
     # ---- whole utterance ----
     def encode(self, audio: Tensor, store: Intermediates | None = None) -> Tensor:
         """audio (B, N) float -> tokens (n_q, B, T), T = ceil((N // hop) / 4)."""
+        return self.quantizer.encode(self.latent(audio, store))
+
+    def latent(self, audio: Tensor, store: Intermediates | None = None) -> Tensor:
+        """audio (B, N) -> the pre-quantisation latent z (B, T, code_dim)."""
         dtype = self.compute_dtype
         m = self.mel(audio)
         _record(store, "mel", m)
@@ -185,7 +189,7 @@ class CodecModel(nn.Module):
         _record(store, "down_sample_1", x)
         z = self.down_sample_2(x)
         _record(store, "z", z)
-        return self.quantizer.encode(z)
+        return z
 
     def decode(self, tokens: Tensor, store: Intermediates | None = None) -> Tensor:
         """tokens (n_q, B, T) -> audio (B, T * frame_samples) float32."""
