@@ -15,7 +15,12 @@ from collections.abc import Sequence
 import sg2_runtime
 
 # name -> module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "make-random-codec": (
+        "sg2_runtime.codec.cli",
+        "Write a random-weight codec checkpoint (any config) in the released format",
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
