@@ -15,7 +15,12 @@ from collections.abc import Sequence
 import sg2_runtime
 
 # name -> module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "make-random-lm": (
+        "sg2_runtime.lm.cli",
+        "write a random-weight speech-text LM directory (tests, benchmarks)",
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
