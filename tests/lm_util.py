@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -32,3 +33,13 @@ def golden_prompt(lm: SG2LM, gold: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def sosp_position(lm: SG2LM) -> torch.Tensor:
     return lm.prompt.text_segment([lm.special.sosp])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """The tiny models' ops are too small for intra-op threads; on a shared 2-core machine a second
+    thread mostly waits. Restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

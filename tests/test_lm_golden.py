@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from sg2_runtime.lm import SamplingParams
 from sg2_runtime.lm.prompt import flat_to_matrix, matrix_to_flat, pad_user_audio
-from tests.lm_util import golden, golden_prompt, sosp_position, tiny_lm
+from tests.lm_util import golden, golden_prompt, single_thread, sosp_position, tiny_lm  # noqa: F401
 
 GOLDEN_KEYS = {
     "greeting_text_ids",
