@@ -185,7 +185,7 @@ def random_tensors(
         t = t.to(device=device, dtype=dtype)
         yield name, t
         if include_tied_heads and name.startswith("speech_embedddings."):
-            yield name.replace("speech_embedddings.", "local_transformer_lm_heads."), t
+            yield name.replace("speech_embedddings.", "local_transformer_lm_heads."), t.clone()
 
 
 def random_model(
