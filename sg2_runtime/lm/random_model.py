@@ -167,19 +167,23 @@ def random_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every checkpoint entry, each from its own seeded generator (order-independent)."""
     std = _init_std(config) if std is None else std
+    dev = torch.device(device)
+
+    def randn(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=dev)
+
     with torch.device("meta"):
         meta = SG2Model(config)
     for name, param in meta.state_dict(keep_vars=True).items():
         if name.startswith("local_transformer_lm_heads."):
             continue
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFFFFFF)
+        # Drawn on the target device (fast for the 7B preset on a GPU); CPU and GPU draws differ.
+        gen = torch.Generator(dev).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFFFFFF)
         shape = tuple(param.shape)
         if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-            t = 1.0 + 0.1 * torch.randn(shape, generator=gen) if std > 0.05 else torch.ones(shape)
-        elif name.endswith(".bias"):
-            t = std * torch.randn(shape, generator=gen)
+            t = 1.0 + 0.1 * randn(shape, gen) if std > 0.05 else torch.ones(shape, device=dev)
         else:
-            t = std * torch.randn(shape, generator=gen)
+            t = std * randn(shape, gen)
             if name.startswith("speech_embedddings."):
                 t[config.zero_speech_id] = 0  # the zero-embedding index
         t = t.to(device=device, dtype=dtype)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -302,7 +303,7 @@ class SG2LM:
             raise CapacityError(f"all {self.max_sessions} LM session slots are in use")
         slot = self._free.pop(0)
         if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
+            seed = secrets.randbits(62)  # leaves torch's global RNG untouched
         sess = LMSession(self, slot, sampling or SamplingParams(), seed)
         self._sessions[slot] = sess
         return sess
