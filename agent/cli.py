@@ -20,6 +20,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "sg2_runtime.codec.cli",
         "Write a random-weight codec checkpoint (any config) in the released format",
     ),
+    "make-random-lm": (
+        "sg2_runtime.lm.cli",
+        "Write a random-weight speech-text LM directory (tests, benchmarks)",
+    ),
 }
 
 
