@@ -101,6 +101,8 @@ class Conversation:
         self.turn: UserTurn | None = None
         self.response: Response | None = None
         self.closed = False
+        self.lm_session: object | None = None  # set by the engine; for inspection only
+        self.stats = {"speculations": 0, "speculation_rollbacks": 0, "speculative_hits": 0, "trims": 0}
         self.decoder_needs_reset = True
         self.steps_done = 0  # LM steps taken by this session (for latency accounting)
         self._candidate_start_frame: int | None = None  # barge-in: where the interrupting turn starts
@@ -199,6 +201,38 @@ class Conversation:
         if resp is not None and (response_id is None or response_id == resp.id):
             resp.clock.ack(ms)
 
+    def update_options(self, new: SessionOptions, greeting: object | None) -> list[str]:
+        """Apply changed options mid-call; returns the names of fields that could not change.
+
+        Turn detection, sampling (next reply), reply caps and flow control change at once. The
+        system instructions and the greeting are the head of the prompt: they can change only
+        before the first user turn (the prompt is then rebuilt); later they are reported back.
+        """
+        refused: list[str] = []
+        old = self.opts
+        head_changed = new.instructions != old.instructions or new.greeting != old.greeting
+        if head_changed:
+            if (
+                len(self.history.turns) == 1
+                and self.turn is None
+                and (self.response is None or self.response.greeting)
+            ):
+                self._truncate(0)
+                self.history.turns.clear()
+                self.history.open_turn("system")
+                self.history.append(self.fmt.first_turn(greeting, new.instructions))
+                self.history.close_turn()
+            else:
+                refused += [f for f in ("instructions", "greeting") if getattr(new, f) != getattr(old, f)]
+                new = new.model_copy(update={"instructions": old.instructions, "greeting": old.greeting})
+        if new.turn_detection != old.turn_detection:
+            self.detector.opts = new.turn_detection
+            self.vad_enabled = new.turn_detection.enabled
+            self._max_turn_frames = new.turn_detection.max_turn_ms // FRAME_MS
+        self._max_response_positions = max(2, new.max_response_ms // CHUNK_MS)
+        self.opts = new
+        return refused
+
     # ------------------------------------------------------------------ codec encode
     def next_encode_input(self) -> np.ndarray | None:
         return self._pcm24.take(FRAME)
@@ -274,6 +308,7 @@ class Conversation:
         turn.spec_pos = self._close_audio_turn(turn, end_frame)
         self._start_reply(turn, released=False)
         self.response.speculative = True  # type: ignore[union-attr]
+        self.stats["speculations"] += 1
 
     def _on_resume(self, t_ms: int) -> None:
         turn = self.turn
@@ -282,6 +317,7 @@ class Conversation:
         resp = self.response
         if resp is not None and not resp.released:
             self.response = None
+        self.stats["speculation_rollbacks"] += 1
         self._truncate(turn.spec_pos)
         self.history.turns[-1].end = None  # the user turn is open again
         turn.spec_pos = None
@@ -596,6 +632,8 @@ class Conversation:
         if self.history.length <= self._trim_above:
             return
         changed = self.history.drop_oldest_turns("system", self._trim_target)
+        if changed is not None:
+            self.stats["trims"] += 1
         if changed is not None and changed < self.cache_len:
             self._lm_rollback(changed)
             self.cache_len = changed

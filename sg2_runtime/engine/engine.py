@@ -253,9 +253,17 @@ class Engine:
                 lm_rollback=lambda pos, s=live: self.models.lm.rollback(s.lm_session, pos),
                 high_water=self.config.context_high_water,
             )
+            live.conv.lm_session = live.lm_session
         except Exception as exc:
             log.exception("opening session %s failed", sid)
             self._fail(sid, exc)
+
+    def _update(self, sid: str, conv: Conversation, new: SessionOptions, greeting: Any) -> list[str]:
+        """Engine-thread half of ``Session.update``."""
+        refused = conv.update_options(new, greeting[0])
+        live = self._live[sid]
+        live.lm_session.sampling = _sampling_params(new)
+        return refused
 
     # ------------------------------------------------------------------ the tick
     def _tick(self) -> bool:

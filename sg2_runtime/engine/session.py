@@ -93,6 +93,18 @@ class Session:
             raise ValueError("played milliseconds must be >= 0")
         self._submit("ack", (int(ms), response_id))
 
+    async def update(self, options: SessionOptions | dict) -> list[str]:
+        """Change options mid-call; returns the fields that could not be changed now (see
+        ``Conversation.update_options``). Invalid options raise ValueError and change nothing."""
+        new = options if isinstance(options, SessionOptions) else self.options.model_copy(update=options)
+        new = SessionOptions.model_validate(new.model_dump())
+        greeting = self._engine.models.resolve_greeting(new)
+        refused = await self._engine.call(
+            self.id, lambda conv: self._engine._update(self.id, conv, new, greeting)
+        )
+        self.options = new
+        return refused
+
     def close(self) -> None:
         with self._lock:
             if self._closed:
