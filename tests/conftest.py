@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.livekit_server import livekit_server_fixture
+from tests.support.redis_server import redis_server_fixture
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,3 +35,9 @@ def _find_reference_dir() -> Path:
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     return _find_reference_dir()
+
+
+# Real servers, a fresh one per test: `livekit_server` (LiveKitServer) and `redis_server` (RedisServer).
+# For another scope, make your own with the factories: `lk = livekit_server_fixture(scope="module")`.
+livekit_server = livekit_server_fixture(scope="function")
+redis_server = redis_server_fixture(scope="function")
