@@ -41,3 +41,14 @@ def reference_dir() -> Path:
 # For another scope, make your own with the factories: `lk = livekit_server_fixture(scope="module")`.
 livekit_server = livekit_server_fixture(scope="function")
 redis_server = redis_server_fixture(scope="function")
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """Tiny random codec + LM + greetings, shared by the engine tests (each test makes its own Engine)."""
+    import torch
+
+    from sg2_runtime.engine.models import tiny_random_models
+
+    torch.manual_seed(0)
+    return tiny_random_models(max_sessions=8, max_positions=1024, seed=0)

@@ -129,12 +129,24 @@ def _config(
 PRESETS: dict[str, dict[str, Any]] = {
     # The released SpeechGPT 2.0 codec (237.5 M parameters).
     "sg2": dict(
-        mels=128, enc_dims=[128, 256, 384, 512], depths=[3, 3, 9, 3], d=512, d_vq=1024, heads=8, layers=8,
+        mels=128,
+        enc_dims=[128, 256, 384, 512],
+        depths=[3, 3, 9, 3],
+        d=512,
+        d_vq=1024,
+        heads=8,
+        layers=8,
         hifigan_channels=512,
     ),
     # Same architecture, a few thousand times cheaper: tests and the tiny-random preset.
     "tiny": dict(
-        mels=32, enc_dims=[16, 16, 24, 32], depths=[1, 1, 2, 1], d=32, d_vq=48, heads=2, layers=2,
+        mels=32,
+        enc_dims=[16, 16, 24, 32],
+        depths=[1, 1, 2, 1],
+        d=32,
+        d_vq=48,
+        heads=2,
+        layers=2,
         hifigan_channels=48,
     ),
 }

@@ -248,6 +248,9 @@ class Conversation:
 
     # ------------------------------------------------------------------ VAD
     def next_vad_window(self) -> np.ndarray | None:
+        # never judge audio the codec has not encoded yet: turn decisions cut the codec frames
+        if (self.vad_windows + 1) * WINDOW * 1000 // 16000 > self.frames_encoded * FRAME_MS:
+            return None
         return self._pcm16.take(WINDOW)
 
     @property
@@ -387,12 +390,12 @@ class Conversation:
         t_end = end_ms if end_ms is not None else (turn.end_frame or end_frame) * FRAME_MS
         self.emit(ev.TurnCommitted(turn.id, "audio", turn.start_ms, t_end, reason))  # type: ignore[arg-type]
         resp = self.response
+        endpoint_ms = float(self.vad_ms - t_end) if reason == "vad" else None
         if resp is not None and not resp.released and resp.turn_id == turn.id:
-            self._release(resp, endpoint_ms=(self.input_ms - t_end) if reason == "vad" else None)
+            self.stats["speculative_hits"] += 1
+            self._release(resp, endpoint_ms=endpoint_ms)
         else:
-            self._start_reply(
-                turn, released=True, endpoint_ms=(self.input_ms - t_end) if reason == "vad" else None
-            )
+            self._start_reply(turn, released=True, endpoint_ms=endpoint_ms)
 
     def _discard_turn(self) -> None:
         turn = self.turn
@@ -416,7 +419,11 @@ class Conversation:
     def _new_response(self, turn_id: str | None, greeting: bool = False) -> Response:
         clock = PlaybackClock(self.opts.flow_control, self._now)
         return Response(
-            _new_id("resp"), turn_id, clock, greeting=greeting, max_positions=self._max_response_positions
+            _new_id("greet" if greeting else "resp"),
+            turn_id,
+            clock,
+            greeting=greeting,
+            max_positions=self._max_response_positions,
         )
 
     def _start_reply(self, turn: UserTurn, released: bool, endpoint_ms: float | None = None) -> None:

@@ -68,6 +68,12 @@ class Engine:
     def __init__(self, models: EngineModels, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self.models = models
+        lm = models.lm
+        if self.config.max_sessions > lm.max_sessions or self.config.max_positions > lm.max_positions:
+            raise ValueError(
+                f"engine limits ({self.config.max_sessions} sessions x {self.config.max_positions} positions) "
+                f"exceed the LM's KV pool ({lm.max_sessions} x {lm.max_positions})"
+            )
         self.metrics = EngineMetrics()
         self.metrics.capacity.set(self.config.max_sessions)
         self.runner = Runner(models.codec, models.lm, self.config.max_sessions, self.config.vad_threads)

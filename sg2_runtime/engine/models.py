@@ -72,7 +72,9 @@ def load_models(
     log.info("loading codec %s", codec_checkpoint)
     codec = load_codec(codec_checkpoint, codec_config, device=device, dtype=torch_dtype)
     log.info("loading speech-text LM %s", lm_dir)
-    lm = load_lm(lm_dir, device=device, dtype=torch_dtype, max_sessions=max_sessions, max_positions=max_positions)
+    lm = load_lm(
+        lm_dir, device=device, dtype=torch_dtype, max_sessions=max_sessions, max_positions=max_positions
+    )
     greeting_list = load_greetings(greetings, vocab_size=lm.config.vocab_size) if greetings else []
     return _engine_models(codec, lm, greeting_list)
 
