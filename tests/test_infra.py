@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import time
 from pathlib import Path
@@ -71,21 +72,23 @@ async def test_livekit_two_participants_exchange_audio(livekit_server: LiveKitSe
         if track.kind == rtc.TrackKind.KIND_AUDIO and not got_track.done():
             got_track.set_result(track)
 
+    source = rtc.AudioSource(sr, 1)
+
+    async def push_tone() -> None:
+        t = np.arange(sr // 100) / sr
+        for i in range(300):  # up to 3 s of 10 ms frames
+            pcm = (0.3 * np.sin(2 * np.pi * 440 * (t + i / 100)) * 32767).astype(np.int16)
+            await source.capture_frame(rtc.AudioFrame(pcm.tobytes(), sr, 1, len(pcm)))
+
+    pusher: asyncio.Task | None = None
+    stream: rtc.AudioStream | None = None
     await bob.connect(livekit_server.url, livekit_server.token("bob", "media-room"))
     await alice.connect(livekit_server.url, livekit_server.token("alice", "media-room"))
     try:
-        source = rtc.AudioSource(sr, 1)
         track = rtc.LocalAudioTrack.create_audio_track("tone", source)
         await alice.local_participant.publish_track(
             track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
         )
-
-        async def push_tone() -> None:
-            t = np.arange(sr // 100) / sr
-            for i in range(300):  # up to 3 s of 10 ms frames
-                pcm = (0.3 * np.sin(2 * np.pi * 440 * (t + i / 100)) * 32767).astype(np.int16)
-                await source.capture_frame(rtc.AudioFrame(pcm.tobytes(), sr, 1, len(pcm)))
-
         pusher = asyncio.create_task(push_tone())
         remote = await asyncio.wait_for(got_track, 15)
         stream = rtc.AudioStream(remote, sample_rate=sr, num_channels=1)
@@ -96,10 +99,16 @@ async def test_livekit_two_participants_exchange_audio(livekit_server: LiveKitSe
                 loudest = max(loudest, rms_dbfs(data))
                 if loudest > -20:
                     break
-        await stream.aclose()
-        pusher.cancel()
         assert loudest > -20, f"bob heard only {loudest:.1f} dBFS"
     finally:
+        # Close every native resource before the test's event loop goes away.
+        if pusher is not None:
+            pusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pusher
+        if stream is not None:
+            await stream.aclose()
+        await source.aclose()
         await alice.disconnect()
         await bob.disconnect()
 
@@ -186,7 +195,7 @@ async function record(ms) {
 
 
 def _best_normalized_xcorr(recorded: np.ndarray, reference: np.ndarray) -> float:
-    """Max normalized cross-correlation of `recorded` against the looped `reference` (FFT)."""
+    """Normalized cross-correlation of `recorded` with the looped `reference` at the best lag (FFT)."""
     looped = np.tile(reference, int(np.ceil(len(recorded) / len(reference))) + 1)
     n = len(looped) + len(recorded)
     size = 1 << (n - 1).bit_length()
@@ -194,6 +203,19 @@ def _best_normalized_xcorr(recorded: np.ndarray, reference: np.ndarray) -> float
     lag = int(np.argmax(corr[: len(looped) - len(recorded) + 1]))
     seg = looped[lag : lag + len(recorded)]
     return float(np.dot(seg, recorded) / (np.linalg.norm(seg) * np.linalg.norm(recorded) + 1e-12))
+
+
+def _fraction_matching_reference(recorded: np.ndarray, reference: np.ndarray, sr: int) -> float:
+    """Share of the recording's voiced 250 ms chunks that match the reference file (correlation > 0.8).
+
+    Chunk by chunk, so a dropout in the capture (a loaded machine) spoils only the chunks around it.
+    """
+    n = sr // 4
+    chunks = [recorded[i : i + n] for i in range(0, len(recorded) - n + 1, n)]
+    voiced = [c for c in chunks if rms_dbfs(c) > -40]
+    if not voiced:
+        return 0.0
+    return sum(_best_normalized_xcorr(c, reference) > 0.8 for c in voiced) / len(voiced)
 
 
 async def test_chromium_fake_microphone_plays_espeak_speech(tmp_path: Path) -> None:
@@ -217,7 +239,7 @@ async def test_chromium_fake_microphone_plays_espeak_speech(tmp_path: Path) -> N
     assert rms_dbfs(recorded) > -35, result
     # It is the WAV's speech (not the fake device's default beep): the recording matches the file.
     reference, _ = read_wav(wav)
-    assert _best_normalized_xcorr(recorded[4800:], reference) > 0.8
+    assert _fraction_matching_reference(recorded, reference, 48000) > 0.6
 
 
 def test_missing_binary_is_a_clear_error(tmp_path: Path) -> None:
