@@ -199,7 +199,7 @@ async def test_barge_in_cuts_history_to_the_played_chunks(tiny_models, zh, en) -
     assert torch.equal(history[:, nxt : nxt + prefix.shape[1]], prefix)
     second = of_type(rest, ev.TurnCommitted)[0]
     assert second.turn_id != user_commit.turn_id
-    onset = [e for e in rest if isinstance(e, ev.SpeechStarted)][0].audio_start_ms
+    onset = next(e for e in rest if isinstance(e, ev.SpeechStarted)).audio_start_ms
     assert pushed_ms_before - 100 <= onset <= pushed_ms_before + 400
     assert second.audio_start_ms == (onset - 300) // 40 * 40
 
