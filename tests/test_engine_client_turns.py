@@ -232,3 +232,30 @@ async def test_truncating_the_latest_reply_after_the_next_turn_began_splices_the
     second_reply = [e for e in events if isinstance(e, ev.ResponseStarted)][1]
     assert second_reply.context_positions == expected.shape[1] // 3 - 1
     assert error.ref == reply.response_id and "latest reply" in error.message
+
+
+async def test_cancelling_a_reply_during_a_barge_in_makes_the_sound_the_next_turn(tiny_models, en24) -> None:
+    # a 300 ms sound over the reply is too short to interrupt on its own (400 ms); the client cancels
+    # the reply as soon as it hears about it, so the sound is the user's next turn and is answered
+    opts = _opts(turn_detection={"enabled": True}, auto_reply=True, flow_control="ack", max_response_ms=2400)
+    first = pad_silence(en24, 24000, 0.5, 1.0)
+    blip = pad_silence(en24[24000 : 24000 + 7200], 24000, 0.0, 1.2)
+    async with Engine(tiny_models, CONFIG) as engine:
+        session = engine.open_session(opts)
+        push(session, first, 24000)
+        events = await collect_until(session, lambda e: isinstance(e, ev.AudioChunk) and e.index == 3)
+        reply = of_type(events, ev.ResponseStarted)[0].response_id
+        session.playback_ack(480, reply)
+        push(session, blip[: 24000 * 3 // 10], 24000)
+        events += await collect_until(session, lambda e: isinstance(e, ev.OutputPaused))
+        session.interrupt()
+        push(session, blip[24000 * 3 // 10 :], 24000)
+        events += await collect_until(
+            session, lambda e: isinstance(e, ev.ResponseStarted) and e.response_id != reply
+        )
+    done = [e for e in events if isinstance(e, ev.ResponseDone)]
+    assert (done[0].response_id, done[0].status, done[0].played_ms) == (reply, "cancelled", 480)
+    commits = of_type(events, ev.TurnCommitted)
+    assert len(commits) == 2 and commits[1].reason == "vad"
+    onset = [e for e in events if isinstance(e, ev.SpeechStarted)][-1].audio_start_ms
+    assert commits[1].audio_start_ms == max(onset - 300, commits[0].audio_end_ms) // 40 * 40

@@ -248,6 +248,17 @@ class Conversation:
         """Cancel the reply: cut its history to what was heard."""
         if self.response is not None:
             self._cut_response(status="cancelled")
+            self._promote_barge_in()
+
+    def _promote_barge_in(self) -> None:
+        """The client stopped the reply while the user's sound over it was still being judged (too short
+        to interrupt on its own yet): that sound is the user's next turn, from where it started."""
+        start = self._candidate_start_frame
+        if not self.detector.in_barge_in or start is None or self.turn is not None:
+            return
+        self.detector.end_barge_in()
+        self._candidate_start_frame = None
+        self._open_audio_turn(start, start * FRAME_MS)
 
     def playback_ack(self, ms: int, response_id: str | None) -> None:
         resp = self.response
@@ -273,6 +284,7 @@ class Conversation:
             if resp.generating or keep_chunks < len(resp.audio_positions):
                 resp.clock.set_played(keep_chunks * CHUNK_MS)
                 self._cut_response(status="cancelled", announce_truncation=False)
+                self._promote_barge_in()
                 kept = resp.kept_chunks or 0
             else:
                 resp.clock.set_played(resp.clock.emitted_ms)  # all of it was heard
