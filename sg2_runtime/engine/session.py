@@ -113,13 +113,17 @@ class Session:
     async def update(self, options: SessionOptions | dict) -> list[str]:
         """Change options mid-call; returns the fields that could not be changed now (see
         ``Conversation.update_options``). Invalid options raise ValueError and change nothing."""
-        new = options if isinstance(options, SessionOptions) else self.options.model_copy(update=options)
-        new = SessionOptions.model_validate(new.model_dump())
-        greeting = self._engine.models.resolve_greeting(new)
-        refused = await self._engine.call(
-            self.id, lambda conv: self._engine._update(self.id, conv, new, greeting)
+        merged = (
+            options.model_dump()
+            if isinstance(options, SessionOptions)
+            else {**self.options.model_dump(), **options}
         )
-        self.options = new
+        new = SessionOptions.model_validate(merged)
+        greeting = self._engine.models.resolve_greeting(new)
+        refused, effective = await self._engine.call(
+            self.id, lambda conv: (self._engine._update(self.id, conv, new, greeting), conv.opts)
+        )
+        self.options = effective  # what is in force: refused fields keep their old values
         return refused
 
     def close(self) -> None:
