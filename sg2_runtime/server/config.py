@@ -153,6 +153,7 @@ class ModelsSection(_Strict):
         if self.preset:
             return {"preset": self.preset, "seed": self.seed, "device": self.device}
         return {
+            "preset": None,
             "codec_checkpoint": str(self.codec_checkpoint),
             "lm_dir": str(self.lm_dir),
             "greetings": None if self.greetings is None else str(self.greetings),
