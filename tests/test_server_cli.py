@@ -185,3 +185,16 @@ def test_configuration_errors_are_reported_before_serving(args, rc, message, cap
 
     assert main(["serve", *args]) == rc
     assert message in capsys.readouterr().err
+
+
+def test_shipped_configs_are_valid_and_resolve_paths_next_to_the_repo() -> None:
+    from sg2_runtime.server.config import load_settings
+
+    default = load_settings(REPO_ROOT / "configs" / "default.yaml")
+    assert default.models.preset is None and default.models.device == "cuda"
+    assert default.models.lm_dir == REPO_ROOT / "weights" / "SpeechGPT-2.0-preview-7B"
+    default.models.check_loadable()
+    default.realtime.session_defaults()
+    tiny = load_settings(REPO_ROOT / "configs" / "tiny-random.yaml", [("server.port", 0)])
+    assert tiny.models.preset == "tiny-random" and tiny.server.port == 0
+    assert tiny.realtime.session_defaults().max_response_ms == 6000
