@@ -341,7 +341,7 @@ class RealtimeCall:
             return
         try:
             event = json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
             self.metrics.client_event("invalid")
             self._emit_error("invalid_json", f"event is not valid JSON: {exc}")
             return

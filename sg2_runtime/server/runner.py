@@ -57,4 +57,8 @@ async def _serve(engine: Engine, settings: Settings, extensions: Iterable[Extens
 
 
 def serve(engine: Engine, settings: Settings, extensions: Iterable[Extension] = ()) -> None:
+    if settings.server.gil_switch_interval_ms is not None:
+        # the engine thread holds the GIL between model calls; Python hands it over only every
+        # switch interval, which would add up to 5 ms to any event the network loop has to send
+        sys.setswitchinterval(settings.server.gil_switch_interval_ms / 1000)
     asyncio.run(_serve(engine, settings, list(extensions)))
