@@ -1,1 +1,20 @@
-"""direct transport."""
+"""Browser calls over WebRTC without an SFU: aiortc transport, WHIP-style signalling, web client.
+
+Entry points: :func:`setup_direct` (add to an aiohttp app) and :func:`direct_extension` (the same
+as an extension for the server's ``create_app``); settings: :class:`DirectSettings`.
+Modules: ``service`` (routes, call registry), ``call`` (one call), ``outbound`` (the agent's paced
+audio track), ``protocol`` (data-channel JSON), ``client`` (a Python caller for tests, benchmarks
+and smoke checks).
+"""
+
+from .settings import DirectSettings, IceServer
+
+__all__ = ["DIRECT_SERVICE", "DirectService", "DirectSettings", "IceServer", "direct_extension", "setup_direct"]
+
+
+def __getattr__(name: str):  # aiortc is imported only when the transport is used
+    if name in ("setup_direct", "direct_extension", "DirectService", "DIRECT_SERVICE"):
+        from . import service
+
+        return getattr(service, name)
+    raise AttributeError(name)
