@@ -94,7 +94,10 @@ async def test_call_turn_and_reply_over_webrtc(tiny_models, zh48) -> None:
 
 
 async def test_talking_over_the_reply_stops_the_agent_within_300_ms(tiny_models, zh48, en48) -> None:
-    async with direct_server(tiny_models) as srv, DirectClient(srv.url, options={"max_response_ms": 12000}) as client:
+    async with (
+        direct_server(tiny_models) as srv,
+        DirectClient(srv.url, options={"max_response_ms": 12000}) as client,
+    ):
         await client.call()
         await client.wait_event(lambda m: m["type"] == "call")
         start = client.source.play(np.concatenate([silence(0.3), zh48, silence(0.1)]))
@@ -103,7 +106,9 @@ async def test_talking_over_the_reply_stops_the_agent_within_300_ms(tiny_models,
 
         def heard(seconds: float):
             def check(rec) -> bool:
-                return sum(1 for t, db in rec.frame_levels() if t > t_end and db > LOUD_DBFS) * 0.02 >= seconds
+                return (
+                    sum(1 for t, db in rec.frame_levels() if t > t_end and db > LOUD_DBFS) * 0.02 >= seconds
+                )
 
             return check
 
@@ -131,5 +136,7 @@ async def test_talking_over_the_reply_stops_the_agent_within_300_ms(tiny_models,
         assert done["status"] == "interrupted" and 960 <= done["played_ms"] < 12000
         assert [e["state"] for e in client.events if e["type"] == "state"][-1] in ("listening", "thinking")
         # the caller's interrupting speech became the next turn
-        nxt = await client.wait_event(lambda m: m["type"] == "turn_committed", after=kinds.index("output_paused"))
+        nxt = await client.wait_event(
+            lambda m: m["type"] == "turn_committed", after=kinds.index("output_paused")
+        )
         assert nxt["start_ms"] <= (first - start + onset_sample(clip)) * 1000 / RATE + 100

@@ -80,9 +80,10 @@ async def test_malformed_and_oversized_offers_get_clear_errors(tiny_models) -> N
             for _ in range(10):
                 yield b"v=0\r\n" + b"a=x:" + b"y" * 1000 + b"\r\n"
 
-        async with aiohttp.ClientSession() as http, http.post(
-            srv.url + CALLS, data=chunks(), headers={"Content-Type": "application/sdp"}
-        ) as resp:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(srv.url + CALLS, data=chunks(), headers={"Content-Type": "application/sdp"}) as resp,
+        ):
             assert resp.status == 413 and _code(await resp.text()) == "offer_too_large"
 
         # nothing was left behind, and a good offer still works

@@ -9,7 +9,14 @@ and smoke checks).
 
 from .settings import DirectSettings, IceServer
 
-__all__ = ["DIRECT_SERVICE", "DirectService", "DirectSettings", "IceServer", "direct_extension", "setup_direct"]
+__all__ = [
+    "DIRECT_SERVICE",
+    "DirectService",
+    "DirectSettings",
+    "IceServer",
+    "direct_extension",
+    "setup_direct",
+]
 
 
 def __getattr__(name: str):  # aiortc is imported only when the transport is used

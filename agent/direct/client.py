@@ -326,7 +326,9 @@ async def _main(args: argparse.Namespace) -> int:
         deadline = loop.time() + args.seconds
         while loop.time() < deadline:
             with contextlib.suppress(AssertionError):
-                await client.wait_event(lambda m: True, timeout=max(0.05, deadline - loop.time()), after=printed)
+                await client.wait_event(
+                    lambda m: True, timeout=max(0.05, deadline - loop.time()), after=printed
+                )
             for event in client.events[printed:]:
                 print(json.dumps(event, ensure_ascii=False), flush=True)
             printed = len(client.events)

@@ -25,7 +25,6 @@ import logging
 import secrets
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -177,7 +176,10 @@ class DirectService:
         location = f"{API}/calls/{call.id}"
         headers = {"Location": location}
         links = [
-            f'<{url}>; rel="ice-server"' for s in self.settings.ice_servers for url in s.urls if url.startswith("stun:")
+            f'<{url}>; rel="ice-server"'
+            for s in self.settings.ice_servers
+            for url in s.urls
+            if url.startswith("stun:")
         ]
         if links:
             headers["Link"] = ", ".join(links)
@@ -228,7 +230,7 @@ class DirectService:
             except json.JSONDecodeError as exc:
                 raise SignallingError(400, "malformed_request", f"invalid JSON: {exc}") from exc
             if not isinstance(doc, dict) or not isinstance(doc.get("sdp"), str):
-                raise SignallingError(400, "malformed_request", "JSON offers look like {\"sdp\": \"v=0...\"}")
+                raise SignallingError(400, "malformed_request", 'JSON offers look like {"sdp": "v=0..."}')
             if doc.get("type", "offer") != "offer":
                 raise SignallingError(400, "malformed_request", "only offers can be posted")
             overrides = doc.get("options") or {}
@@ -268,7 +270,9 @@ class DirectService:
         self.calls[call.id] = call
         try:
             transceiver = pc.addTransceiver(call.track, direction="sendrecv")
-            opus = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"]
+            opus = [
+                c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"
+            ]
             transceiver.setCodecPreferences(opus)
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
@@ -280,7 +284,9 @@ class DirectService:
             await pc.setLocalDescription(await pc.createAnswer())
             answer = pc.localDescription.sdp
         except BaseException as exc:
-            await call.close("signalling failed" if isinstance(exc, SignallingError) else f"signalling error: {exc}")
+            await call.close(
+                "signalling failed" if isinstance(exc, SignallingError) else f"signalling error: {exc}"
+            )
             if isinstance(exc, SignallingError | asyncio.CancelledError):
                 raise
             log.exception("answering an offer failed")
@@ -375,8 +381,3 @@ def direct_extension(
 
 
 DIRECT_SERVICE: web.AppKey[DirectService] = web.AppKey("sg2_direct_service", DirectService)
-
-
-def web_client_built(web_dir: Path | None) -> bool:
-    return web_dir is not None and (web_dir / "index.html").is_file()
-

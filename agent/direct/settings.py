@@ -23,7 +23,9 @@ class IceServer(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    urls: list[str] = Field(min_length=1, description="stun:host:port, turn:host:port?transport=udp, turns:...")
+    urls: list[str] = Field(
+        min_length=1, description="stun:host:port, turn:host:port?transport=udp, turns:..."
+    )
     username: str | None = None
     credential: SecretStr | None = None
 
