@@ -312,6 +312,12 @@ class DirectCall(PlaybackListener):
         elif isinstance(e, ev.TurnDiscarded):
             send(protocol.encode("turn_discarded", turn_id=e.turn_id))
         elif isinstance(e, ev.ResponseStarted):
+            old = self.track.current
+            if old is not None and old != e.response_id:
+                # a reply still queued (e.g. a greeting cut by the caller after it was fully
+                # generated, which the engine does not report again) ends here
+                played = self.track.drop(old)
+                self._reply_ended(old, "interrupted", played or 0, None)
             self.track.begin(e.response_id)
             info = _ReplyInfo(e.response_id)
             if e.turn_id is not None:
@@ -334,7 +340,7 @@ class DirectCall(PlaybackListener):
         elif isinstance(e, ev.ResponseDone):
             self._on_response_done(e)
         elif isinstance(e, ev.HistoryTruncated):
-            if self.track.drop(e.response_id):
+            if self.track.drop(e.response_id) is not None:
                 self._reply_ended(e.response_id, "interrupted", e.played_ms, None)
         elif isinstance(e, ev.Metrics):
             info = self._replies.get(e.response_id)

@@ -85,7 +85,7 @@ class AgentAudioTrack(MediaStreamTrack):
         return self._reply.id if self._reply is not None else None
 
     def begin(self, response_id: str) -> None:
-        """A new reply: whatever was still queued from another one is dropped."""
+        """A new reply: whatever was still queued from another one is dropped (see ``drop``)."""
         if self._reply is not None and self._reply.id == response_id:
             return
         self._reply = _Reply(response_id, soxr.ResampleStream(24000, RATE, 1, dtype="float32", quality="HQ"))
@@ -127,13 +127,14 @@ class AgentAudioTrack(MediaStreamTrack):
         if r is not None:
             r.paused = False
 
-    def drop(self, response_id: str | None = None) -> bool:
-        """Forget the reply's unplayed audio now (barge-in, cancel). True if something was dropped."""
+    def drop(self, response_id: str | None = None) -> int | None:
+        """Forget the reply's unplayed audio now (barge-in, cancel); returns the ms it had played
+        (None if that reply was not queued)."""
         r = self._reply
         if r is None or (response_id is not None and r.id != response_id):
-            return False
+            return None
         self._reply = None
-        return True
+        return min(r.sent * 1000 // RATE, r.input_ms)
 
     def queued_ms(self) -> float:
         r = self._reply
