@@ -108,7 +108,7 @@ async def test_a_long_call_crosses_the_context_limit_without_a_gap(tiny_models) 
                     conv.history.turns[0].end,
                 )
             )
-            length, cache_len, stats, system_end = state
+            length, _cache_len, stats, system_end = state
             assert length <= 256
             history = await session.history()
             system = history[:, : 3 * system_end] if system is None else system
