@@ -210,7 +210,7 @@ class SG2LM:
             raise ValueError("need max_sessions >= 1 and max_positions >= 2")
         self.max_sessions = max_sessions
         self.max_positions = max_positions
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = max(1, min(prefill_chunk, max_positions))
         self.text_candidates = text_candidates
         for name, tid in special.as_dict().items():
             if tid is not None and not 0 <= tid < cfg.vocab_size:
