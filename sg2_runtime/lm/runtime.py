@@ -588,7 +588,7 @@ class SG2LM:
             self._pending_h[slot_t] = hidden[torch.arange(b, device=dev), last]
             for r, ((i, _, _, _), n) in enumerate(zip(rows, lens, strict=True)):
                 if return_logits:
-                    logits_out[i].append(self.model.lm_head(hidden[r, :n]).float().cpu())
+                    logits_out[i].append(self.model.text_logits(hidden[r, :n]).float().cpu())
                 offset[i] += n
         for sess, text, speech in parsed:
             n = text.shape[0]
@@ -660,7 +660,7 @@ class SG2LM:
         rp = self._row_params(sessions)
         h = self._pending_h.index_select(0, slots)
         with prof.section("text_head"):
-            text_logits = self.model.lm_head(h).float()
+            text_logits = self.model.text_logits(h).float()
         with prof.section("sampling"):
             u = counter_uniforms(seeds, positions, 1 + cfg.group_size * cfg.n_vq)
             text = sample_rows(text_logits, rp, u[:, 0], candidates=self.text_candidates)
@@ -674,7 +674,7 @@ class SG2LM:
         if rows:
             idx = torch.tensor(rows, device=dev)
             with prof.section("patch_decoder"):
-                hl = self.model.hidden_states_downcast(h.index_select(0, idx))
+                hl = self.model.downcast(h.index_select(0, idx))
             frames, logits = self._sample_speech(
                 hl, rp.select(idx), u.index_select(0, idx)[:, 1:], static=False
             )
@@ -779,10 +779,10 @@ class SG2LM:
         positions = inp["positions"]
         u = counter_uniforms(inp["seeds"], positions, 1 + cfg.group_size * cfg.n_vq)
         h = self._pending_h[:n]
-        text_logits = self.model.lm_head(h).float()
+        text_logits = self.model.text_logits(h).float()
         text = sample_rows(text_logits, rp, u[:, 0], candidates=cfg.vocab_size, static=True)
         text = torch.where(inp["force"] >= 0, inp["force"], text)
-        hl = self.model.hidden_states_downcast(h)
+        hl = self.model.downcast(h)
         frames, local_logits = self._sample_speech(hl, rp, u[:, 1:], static=True, local_kv=self._static_local)
         keep = (inp["speech_mask"] & (text != self.special.eosp))[:, None, None]
         speech = torch.where(keep, frames, torch.full_like(frames, cfg.zero_speech_id))
@@ -853,7 +853,7 @@ class SG2LM:
         if f.shape[0] < self.group_size - 1:
             raise ValueError(f"need {self.group_size - 1} frames to feed")
         with torch.no_grad():
-            hl = self.model.hidden_states_downcast(h[None])
+            hl = self.model.downcast(h[None])
             logits = self._local(hl, lambda step, _logits: f[step][None] if step < f.shape[0] else None)
         return torch.stack([x[0] for x in logits]).cpu()
 
