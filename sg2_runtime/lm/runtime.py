@@ -99,6 +99,7 @@ class LMSession:
     @property
     def in_speech(self) -> bool:
         """Speech mode: more ``<|sosp|>`` than ``<|eosp|>`` so far."""
+        self._lm._check_open(self)
         return self._lm._balance_before(self.slot, self._position) != 0
 
     @property
@@ -130,7 +131,10 @@ class LMSession:
         return self._lm._history_matrix(self, start, self._position if end is None else end)
 
     def text_ids(self, start: int = 0, end: int | None = None) -> list[int]:
+        self._lm._check_open(self)
         end = self._position if end is None else end
+        if not 0 <= start <= end <= self._position:
+            raise ValueError(f"range [{start}, {end}) outside [0, {self._position})")
         return self._lm._text[self.slot, start:end].tolist()
 
     def __repr__(self) -> str:
@@ -327,6 +331,7 @@ class SG2LM:
         return 0 if position == 0 else int(self._balance[slot, position - 1])
 
     def _history_matrix(self, sess: LMSession, start: int, end: int) -> torch.Tensor:
+        self._check_open(sess)
         if not 0 <= start <= end <= sess._position:
             raise ValueError(f"history range [{start}, {end}) outside [0, {sess._position})")
         g, q = self.group_size, self.n_vq
