@@ -41,6 +41,8 @@ serve: setup
 
 bench: $(STAMP)
 	$(PY) benchmarks/codec_bench.py
+	$(PY) benchmarks/lm_bench.py
+	$(PY) benchmarks/engine_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
