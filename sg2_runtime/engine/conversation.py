@@ -471,8 +471,11 @@ class Conversation:
         resp = self.response
         assert resp is not None
         self.steps_done += 1
+        now = self._now()
+        resp.last_step_at = now
         if resp.first_step_ms is None:
             resp.first_step_ms = step_ms
+            resp.first_step_at = now
             if resp.prefill_started is not None:
                 resp.prefill_ms = max(0.0, (self._now() - resp.prefill_started) * 1000 - step_ms)
         pos = self.history.length
@@ -568,8 +571,15 @@ class Conversation:
         resp.done_sent = True
         status = resp.status or "completed"
         self.emit(
-            ev.ResponseDone(resp.id, status, resp.generated_ms, resp.clock.played_ms(), resp.text_emitted)
-        )  # type: ignore[arg-type]
+            ev.ResponseDone(
+                resp.id,
+                status,  # type: ignore[arg-type]
+                resp.generated_ms,
+                resp.clock.played_ms(),
+                resp.text_emitted,
+                realtime_factor=resp.realtime_factor(),
+            )
+        )
 
     # ------------------------------------------------------------------ barge-in and cuts
     def _cut_response(self, status: str) -> None:
