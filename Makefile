@@ -57,6 +57,8 @@ serve: setup web-client
 
 bench: $(STAMP)
 	$(PY) benchmarks/codec_bench.py
+	$(PY) benchmarks/lm_bench.py
+	$(PY) benchmarks/engine_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info $(WEB)/dist $(WEB)/node_modules

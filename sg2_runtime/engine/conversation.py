@@ -110,12 +110,8 @@ class Conversation:
         self._non_finite_reported = False
         self._max_turn_frames = options.turn_detection.max_turn_ms // FRAME_MS
         self._max_response_positions = max(2, options.max_response_ms // CHUNK_MS)
-        headroom = self._max_turn_frames // GROUP + self._max_response_positions + 64
-        self._trim_above = max(int(capacity * high_water), 0)
-        self._trim_above = (
-            min(self._trim_above, capacity - headroom) if capacity > 2 * headroom else self._trim_above
-        )
-        self._trim_target = int(self._trim_above * 0.6)
+        self._capacity = capacity
+        self._high_water = high_water
         self._start(greeting, greeting_frames)
 
     # ------------------------------------------------------------------ setup
@@ -159,11 +155,13 @@ class Conversation:
         self._stop_agent_for_new_turn(status="cancelled")
         if self.turn is not None and not self.turn.committed:
             self._discard_turn()
+        matrix = self.fmt.user_text_turn(text)
+        self._maybe_trim_history(incoming=matrix.shape[1] // GROUP)
         turn = UserTurn(
             _new_id("turn"), "text", self.frames_encoded, self.history.length, self.history.length, 0
         )
         self.history.open_turn("user")
-        self.history.append(self.fmt.user_text_turn(text))
+        self.history.append(matrix)
         self.history.close_turn()
         turn.committed = True
         self.turn = None
@@ -410,7 +408,8 @@ class Conversation:
         turn = self.turn
         if turn is None or turn.committed or turn.kind != "audio":
             return
-        if self.frames_encoded - turn.start_frame >= self._max_turn_frames:
+        room = self._capacity - self.history.length - self._max_response_positions - 16
+        if self.frames_encoded - turn.start_frame >= self._max_turn_frames or room <= GROUP:
             if turn.spec_pos is not None:
                 self._on_resume(0)
             self._commit_turn(self.frames_encoded, "max_turn")
@@ -472,8 +471,11 @@ class Conversation:
         resp = self.response
         assert resp is not None
         self.steps_done += 1
+        now = self._now()
+        resp.last_step_at = now
         if resp.first_step_ms is None:
             resp.first_step_ms = step_ms
+            resp.first_step_at = now
             if resp.prefill_started is not None:
                 resp.prefill_ms = max(0.0, (self._now() - resp.prefill_started) * 1000 - step_ms)
         pos = self.history.length
@@ -569,8 +571,15 @@ class Conversation:
         resp.done_sent = True
         status = resp.status or "completed"
         self.emit(
-            ev.ResponseDone(resp.id, status, resp.generated_ms, resp.clock.played_ms(), resp.text_emitted)
-        )  # type: ignore[arg-type]
+            ev.ResponseDone(
+                resp.id,
+                status,  # type: ignore[arg-type]
+                resp.generated_ms,
+                resp.clock.played_ms(),
+                resp.text_emitted,
+                realtime_factor=resp.realtime_factor(),
+            )
+        )
 
     # ------------------------------------------------------------------ barge-in and cuts
     def _cut_response(self, status: str) -> None:
@@ -635,10 +644,20 @@ class Conversation:
         if self.cache_len < self.history.length:
             self.pending_ok = False
 
-    def _maybe_trim_history(self) -> None:
-        if self.history.length <= self._trim_above:
+    def _reserve(self) -> int:
+        """Positions one more exchange may need: a whole user turn and a whole reply, plus markers."""
+        return min(self._max_turn_frames // GROUP + self._max_response_positions + 32, self._capacity // 2)
+
+    def _maybe_trim_history(self, incoming: int = 0) -> None:
+        """Drop the oldest whole turns (system text and greeting stay) when the next exchange might
+        not fit, or when the history passed the high-water mark. The cache is rolled back to the
+        first changed position and the scheduler re-prefills the rest, so the call has no gap."""
+        reserve = self._reserve()
+        high = int(self._capacity * self._high_water)
+        if self.history.length + incoming + reserve <= self._capacity and self.history.length <= high:
             return
-        changed = self.history.drop_oldest_turns("system", self._trim_target)
+        target = int(min(high, self._capacity - reserve - incoming) * 0.75)
+        changed = self.history.drop_oldest_turns("system", max(target, 0))
         if changed is not None:
             self.stats["trims"] += 1
         if changed is not None and changed < self.cache_len:

@@ -255,7 +255,7 @@ class Engine:
                 capacity=self.config.max_positions,
                 greeting=greeting[0],
                 greeting_frames=greeting[1],
-                emit=live.handle._deliver,
+                emit=lambda event, h=live.handle: self._emit(h, event),
                 lm_rollback=lambda pos, s=live: self.models.lm.rollback(s.lm_session, pos),
                 high_water=self.config.context_high_water,
             )
@@ -270,6 +270,18 @@ class Engine:
         live = self._live[sid]
         live.lm_session.sampling = _sampling_params(new)
         return refused
+
+    def _emit(self, handle: Session, event: ev.Event) -> None:
+        """Deliver an event to its session, feeding the engine's metrics on the way."""
+        m = self.metrics
+        if isinstance(event, ev.Metrics):
+            m.commit_to_first_audio.observe(event.commit_to_first_audio_ms / 1000)
+            m.first_step.observe(event.first_step_ms / 1000)
+            if event.endpointing_ms is not None:
+                m.endpointing.observe(event.endpointing_ms / 1000)
+        elif isinstance(event, ev.ResponseDone):
+            m.replies.labels(status=event.status).inc()
+        handle._deliver(event)
 
     # ------------------------------------------------------------------ the tick
     def _tick(self) -> bool:

@@ -104,6 +104,9 @@ class ResponseDone(Event):
     played_ms: int
     text: str
     error: str | None = None
+    realtime_factor: float | None = (
+        None  # generation wall time / audio generated (< 1: faster than real time)
+    )
 
 
 @dataclass(frozen=True)
