@@ -44,6 +44,7 @@ SESSION_CLOSE_TIMEOUT_S = 5.0  # how far back arrival times of caller audio are 
 class _ReplyInfo:
     response_id: str
     speech_end_wall: float | None = None  # loop time the end of the caller's turn arrived
+    first_chunk_wall: float | None = None  # loop time the reply's first audio left the engine
     metrics: ev.Metrics | None = None
     first_audio_wall: float | None = None
     latency_sent: bool = False
@@ -289,6 +290,10 @@ class DirectCall(PlaybackListener):
     def _on_event(self, e: ev.Event) -> None:
         send = self._send
         if isinstance(e, ev.AudioChunk):
+            if e.index == 0:
+                info = self._replies.get(e.response_id)
+                if info is not None and info.first_chunk_wall is None:
+                    info.first_chunk_wall = self._loop.time()
             self.track.add_chunk(e.response_id, e.start_ms, e.pcm)
         elif isinstance(e, ev.TextDelta):
             self.track.add_text(e.response_id, e.text)
@@ -397,19 +402,31 @@ class DirectCall(PlaybackListener):
         self._reply_ended(response_id, status, played_ms, text)
 
     def _maybe_send_latency(self, info: _ReplyInfo) -> None:
+        """Per reply, on the server's clock: the end of the caller's speech arrived -> the reply's
+        first frame went to the encoder (``total_ms``) = endpointing (the VAD's silence wait, on the
+        audio timeline) + engine (everything else until the first audio left the engine: input
+        framing, VAD, commit, prefill/steps/decode not done speculatively) + transport (the outbound
+        track: queue and pacing). ``model_ms`` is the engine's own commit -> first audio figure."""
         m = info.metrics
-        if info.latency_sent or m is None or info.first_audio_wall is None or info.speech_end_wall is None:
+        if (
+            info.latency_sent
+            or m is None
+            or info.first_audio_wall is None
+            or info.speech_end_wall is None
+            or info.first_chunk_wall is None
+        ):
             return
         info.latency_sent = True
         total = (info.first_audio_wall - info.speech_end_wall) * 1000.0
         endpointing = m.endpointing_ms or 0.0
-        engine = m.commit_to_first_audio_ms
+        transport = (info.first_audio_wall - info.first_chunk_wall) * 1000.0
         record = {
             "response_id": info.response_id,
             "total_ms": round(total, 1),
             "endpointing_ms": round(endpointing, 1),
-            "engine_ms": round(engine, 1),
-            "transport_ms": round(total - endpointing - engine, 1),
+            "engine_ms": round(total - endpointing - transport, 1),
+            "transport_ms": round(transport, 1),
+            "model_ms": round(m.commit_to_first_audio_ms, 1),
         }
         self.latencies.append(record)
         self._send(protocol.encode("latency", **record))

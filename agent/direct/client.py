@@ -76,11 +76,14 @@ class PacedSource(MediaStreamTrack):
         return self._queued == 0
 
     def time_of(self, sample: int) -> float | None:
-        """Loop time at which sample ``sample`` of the sent timeline left (None if not yet sent)."""
+        """Loop time at which sample ``sample`` of the sent timeline was "spoken" (None if its frame
+        has not left yet). Like a microphone, a frame leaves when its last sample is captured, so a
+        sample was spoken ``(FRAME - offset)`` samples before its frame left: packetisation delay
+        is part of what a caller experiences and is counted, not hidden."""
         i = sample // FRAME
         if i >= len(self.frame_times):
             return None
-        return self.frame_times[i] + (sample % FRAME) / RATE
+        return self.frame_times[i] - (FRAME - sample % FRAME) / RATE
 
     async def wait_sent(self, sample: int, timeout: float = 60.0) -> float:
         cond = self._condition()
@@ -183,7 +186,7 @@ class DirectClient:
         *,
         key: str | None = None,
         options: dict[str, Any] | None = None,
-        jitter_packets: int | None = 1,
+        jitter_packets: int | None = 0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.key = key

@@ -78,6 +78,8 @@ class AgentAudioTrack(MediaStreamTrack):
         self.frames_sent = 0
         self.audio_frames_sent = 0
         self.resyncs = 0
+        self.early_starts = 0
+        self._idle_wait: asyncio.Future[bool] | None = None
 
     # ------------------------------------------------------------------ engine side
     @property
@@ -105,6 +107,7 @@ class AgentAudioTrack(MediaStreamTrack):
             r.pending_text = ""
         r.input_ms += len(pcm24) * 1000 // 24000
         self._append(r, r.resampler.resample_chunk(np.asarray(pcm24, dtype=np.float32)))
+        self._wake_idle()
 
     def finish(self, response_id: str) -> None:
         """The engine generated the whole reply: play out what is queued, then report it finished."""
@@ -126,6 +129,15 @@ class AgentAudioTrack(MediaStreamTrack):
         r = self._match(response_id)
         if r is not None:
             r.paused = False
+            self._wake_idle()
+
+    def _wake_idle(self) -> None:
+        """Audio to play while the track sits between silent frames: send it now, not at the next
+        20 ms slot (the frame clock restarts from here; the receiver just sees an early packet)."""
+        r = self._reply
+        fut = self._idle_wait
+        if fut is not None and not fut.done() and r is not None and r.buffered and not r.paused:
+            fut.set_result(True)
 
     def drop(self, response_id: str | None = None) -> int | None:
         """Forget the reply's unplayed audio now (barge-in, cancel); returns the ms it had played
@@ -163,8 +175,12 @@ class AgentAudioTrack(MediaStreamTrack):
         else:
             self._frames += 1
             wait = self._start + self._frames * FRAME_S - now
-            if wait > 0:
+            if wait > 0 and self._playing():
                 await asyncio.sleep(wait)
+            elif wait > 0:
+                if await self._sleep_unless_woken(wait):
+                    self._start = self._now() - self._frames * FRAME_S
+                    self.early_starts += 1
             elif wait < -MAX_LAG_S:
                 self._start = now - self._frames * FRAME_S  # do not burst to catch up
                 self.resyncs += 1
@@ -178,6 +194,22 @@ class AgentAudioTrack(MediaStreamTrack):
         frame.time_base = TIME_BASE
         self.frames_sent += 1
         return frame
+
+    def _playing(self) -> bool:
+        r = self._reply
+        return r is not None and not r.paused and r.buffered > 0
+
+    async def _sleep_unless_woken(self, seconds: float) -> bool:
+        """Sleep ``seconds``; True if audio arrived first (see ``_wake_idle``)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        self._idle_wait = fut
+        timer = loop.call_later(seconds, lambda: fut.done() or fut.set_result(False))
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            self._idle_wait = None
 
     def _next_samples(self) -> np.ndarray:
         out = np.zeros(FRAME, dtype=np.int16)

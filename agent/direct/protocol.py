@@ -15,8 +15,10 @@ milliseconds of audio received since the call started):
 - ``response_done`` {response_id, status, played_ms, text}: the reply finished playing
   (``completed``/``length``) or was cut (``interrupted``/``cancelled``; ``text`` is then what was
   heard).
-- ``latency`` {response_id, total_ms, endpointing_ms, engine_ms, transport_ms}: per reply, from the
-  end of the caller's speech as received by the server to the reply's first audio frame sent.
+- ``latency`` {response_id, total_ms, endpointing_ms, engine_ms, transport_ms, model_ms}: per reply,
+  from the end of the caller's speech as received by the server to the reply's first audio frame
+  sent = endpointing (VAD silence wait) + engine (input framing, VAD, commit, generation not done
+  ahead) + transport (outbound queue and pacing); ``model_ms`` is the engine's commit -> first audio.
 - ``error`` {code, message, fatal}.
 - ``call_ended`` {reason}: the server is closing the call.
 - ``pong`` {t}: answer to ``ping``.

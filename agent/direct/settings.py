@@ -73,10 +73,13 @@ class DirectSettings(BaseModel):
         10.0, gt=0, description="a connected call that receives no audio for this long is ended (peer gone)"
     )
     inbound_jitter_packets: int = Field(
-        1,
+        0,
         ge=0,
         le=8,
-        description="packets the server's audio jitter buffer holds back (aiortc's default is 4 = 80 ms)",
+        description=(
+            "20 ms packets the server holds back before decoding caller audio: 0 = none (the audio feeds "
+            "a model, not a speaker: late packets are dropped); aiortc's own default is 4 (80 ms)"
+        ),
     )
     max_event_backlog: int = Field(256, ge=16, description="data-channel events kept while it is not open")
     session: dict[str, Any] = Field(
