@@ -126,6 +126,26 @@ async def test_access_key_is_required_when_configured(tiny_models) -> None:
         assert srv.engine.live_sessions == 0
 
 
+async def test_host_server_keys_protect_the_endpoint_unless_it_has_its_own(tiny_models) -> None:
+    """Under `sg2 serve` the server's API keys apply when no direct.access_key is set."""
+    api_keys = {"api-key-1"}
+    async with direct_server(tiny_models, key_check=lambda k: k in api_keys) as srv:
+        sdp = await _offer_sdp()
+        assert (await _post(srv.url, sdp))[0] == 401
+        assert (await _post(srv.url, sdp, Authorization="Bearer api-key-2"))[0] == 401
+        async with DirectClient(srv.url, key="api-key-1") as client:
+            await client.call()
+            assert await client.hangup() == 204
+    async with direct_server(tiny_models, key_check=lambda k: k in api_keys, access_key="own") as srv:
+        sdp = await _offer_sdp()
+        assert (await _post(srv.url, sdp, Authorization="Bearer api-key-1"))[0] == 401
+        status, _, headers = await _post(srv.url, sdp, Authorization="Bearer own")
+        assert status == 201
+        async with aiohttp.ClientSession() as http:
+            await http.delete(srv.url + headers["Location"], headers={"Authorization": "Bearer own"})
+        assert srv.engine.live_sessions == 0
+
+
 async def test_call_limit_and_engine_capacity_answer_503(tiny_models) -> None:
     async with direct_server(tiny_models, max_calls=1) as srv:
         async with DirectClient(srv.url) as first:

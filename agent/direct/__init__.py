@@ -1,7 +1,9 @@
 """Browser calls over WebRTC without an SFU: aiortc transport, WHIP-style signalling, web client.
 
-Entry points: :func:`setup_direct` (add to an aiohttp app) and :func:`direct_extension` (the same
-as an extension for the server's ``create_app``); settings: :class:`DirectSettings`.
+Entry points: :func:`install` (the ``sg2 serve`` extension ``agent.direct:install``: engine and the
+``direct:`` settings section from the app), :func:`setup_direct` (add to any aiohttp app around an
+engine) and :func:`direct_extension` (the same as an extension for ``create_app``); settings:
+:class:`DirectSettings`.
 Modules: ``service`` (routes, call registry), ``call`` (one call), ``outbound`` (the agent's paced
 audio track), ``protocol`` (data-channel JSON), ``client`` (a Python caller for tests, benchmarks
 and smoke checks).
@@ -15,12 +17,13 @@ __all__ = [
     "DirectSettings",
     "IceServer",
     "direct_extension",
+    "install",
     "setup_direct",
 ]
 
 
 def __getattr__(name: str):  # aiortc is imported only when the transport is used
-    if name in ("setup_direct", "direct_extension", "DirectService", "DIRECT_SERVICE"):
+    if name in ("install", "setup_direct", "direct_extension", "DirectService", "DIRECT_SERVICE"):
         from . import service
 
         return getattr(service, name)

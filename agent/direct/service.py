@@ -62,9 +62,16 @@ class SignallingError(Exception):
 class DirectService:
     """Every browser call of one server process."""
 
-    def __init__(self, engine: Any, settings: DirectSettings) -> None:
+    def __init__(
+        self, engine: Any, settings: DirectSettings, key_check: Callable[[str | None], bool] | None = None
+    ) -> None:
         self.engine = engine
         self.settings = settings
+        # the transport's own access key if set; else whatever the host server accepts (API keys)
+        self.key_check = (
+            settings.key_matches if settings.access_key is not None or key_check is None else key_check
+        )
+        self.auth_required = settings.access_key is not None or key_check is not None
         self.calls: dict[str, DirectCall] = {}
         self.ended: deque[dict[str, Any]] = deque(maxlen=RECENT_ENDED)
         self._pending = 0  # offers being answered (count against max_calls)
@@ -110,9 +117,9 @@ class DirectService:
         return web.FileResponse(index, headers={"Cache-Control": "no-cache"})
 
     async def handle_config(self, request: web.Request) -> web.Response:
-        authorized = self.settings.key_matches(_bearer(request))
+        authorized = self.key_check(_bearer(request))
         body: dict[str, Any] = {
-            "auth_required": self.settings.access_key is not None,
+            "auth_required": self.auth_required,
             "authorized": authorized,
             "calls_endpoint": f"{API}/calls",
             "max_calls": self.settings.max_calls,
@@ -193,7 +200,7 @@ class DirectService:
 
     # ------------------------------------------------------------------ the offer
     def _authorize(self, request: web.Request) -> None:
-        if not self.settings.key_matches(_bearer(request)):
+        if not self.key_check(_bearer(request)):
             raise SignallingError(
                 401,
                 "unauthorized",
@@ -353,31 +360,56 @@ def _offer_problem(exc: Exception) -> str:
 
 
 def setup_direct(
-    app: web.Application, engine: Any, settings: DirectSettings | dict[str, Any] | None = None
+    app: web.Application,
+    engine: Any,
+    settings: DirectSettings | dict[str, Any] | None = None,
+    *,
+    key_check: Callable[[str | None], bool] | None = None,
 ) -> DirectService:
     """Add browser calls to an aiohttp app: signalling routes, the web client at '/', shutdown hook.
 
     ``engine`` is a started :class:`sg2_runtime.engine.engine.Engine` whose lifetime the caller owns
-    (close the calls first: this registers an ``on_shutdown`` hook, which aiohttp runs before
-    ``on_cleanup``).
+    (calls are closed in ``on_shutdown``, which aiohttp runs before ``on_cleanup``). ``key_check``
+    (optional) accepts or refuses a presented key when ``settings.access_key`` is not set, e.g. the
+    host server's API keys.
     """
     if not isinstance(settings, DirectSettings):
         settings = DirectSettings.model_validate(settings or {})
-    service = DirectService(engine, settings)
+    service = DirectService(engine, settings, key_check)
     service.install(app)
     app[DIRECT_SERVICE] = service
     return service
 
 
 def direct_extension(
-    engine: Any, settings: DirectSettings | dict[str, Any] | None = None
+    engine: Any,
+    settings: DirectSettings | dict[str, Any] | None = None,
+    *,
+    key_check: Callable[[str | None], bool] | None = None,
 ) -> Callable[[web.Application], None]:
     """The same as an extension for ``create_app(engine, settings, extensions=[...])``."""
 
     def extend(app: web.Application) -> None:
-        setup_direct(app, engine, settings)
+        setup_direct(app, engine, settings, key_check=key_check)
 
     return extend
+
+
+def install(app: web.Application) -> None:
+    """The ``sg2 serve`` extension (``agent.direct:install``): engine and settings from the app.
+
+    Reads the ``direct:`` section of the server settings (:class:`DirectSettings`); without a
+    ``direct.access_key`` the server's own API keys (``auth:``) protect the signalling routes.
+    """
+    from sg2_runtime.server.app import AUTH_KEY, ENGINE_KEY, SETTINGS_KEY
+
+    settings = DirectSettings.model_validate(app[SETTINGS_KEY].section("direct"))
+    if not settings.enabled:
+        log.info("browser calls are disabled (direct.enabled: false)")
+        return
+    auth = app.get(AUTH_KEY)
+    key_check = auth.accepts if auth is not None and auth.enabled else None
+    setup_direct(app, app[ENGINE_KEY], settings, key_check=key_check)
 
 
 DIRECT_SERVICE: web.AppKey[DirectService] = web.AppKey("sg2_direct_service", DirectService)

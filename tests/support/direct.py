@@ -42,12 +42,17 @@ class DirectServer:
 
 @contextlib.asynccontextmanager
 async def direct_server(
-    models: Any, *, max_sessions: int = 4, session: dict[str, Any] | None = None, **settings: Any
+    models: Any,
+    *,
+    max_sessions: int = 4,
+    session: dict[str, Any] | None = None,
+    key_check: Any = None,
+    **settings: Any,
 ) -> AsyncIterator[DirectServer]:
     engine = Engine(models, EngineConfig(max_sessions=max_sessions, max_positions=1024)).start()
     direct = DirectSettings.model_validate({"session": {**TEST_SESSION, **(session or {})}, **settings})
     app = web.Application()
-    service = setup_direct(app, engine, direct)
+    service = setup_direct(app, engine, direct, key_check=key_check)
     runner = web.AppRunner(app, shutdown_timeout=5.0)
     await runner.setup()
     site = None
