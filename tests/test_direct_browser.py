@@ -81,6 +81,10 @@ async def test_browser_call_shows_transcript_state_and_plays_agent_audio(
             assert state in states, states
         greeting = page.locator("#transcript li.agent").first
         assert (await greeting.locator(".who").text_content()) == "Agent (greeting)"
+        expected = tiny_models.fmt.decode_text(
+            list(tiny_models.resolve_greeting(srv.service.settings.session_options())[0].text_ids)
+        )
+        assert (await greeting.locator(".text").text_content()).strip() == expected.strip() != ""
         # its end was reported: played out, or cut because the caller spoke over it
         assert await greeting.get_attribute("data-status") in ("completed", "interrupted")
         assert not await page.is_visible("#key-row") and not await page.is_visible("#error")

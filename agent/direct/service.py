@@ -273,7 +273,14 @@ class DirectService:
         except ValueError as exc:
             raise SignallingError(400, "invalid_options", str(exc)) from exc
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers()))
-        call = DirectCall(_new_call_id(), pc, session, self.settings, self._forget)
+        call = DirectCall(
+            _new_call_id(),
+            pc,
+            session,
+            self.settings,
+            self._forget,
+            greeting_text=self._greeting_text(options),
+        )
         self.calls[call.id] = call
         try:
             transceiver = pc.addTransceiver(call.track, direction="sendrecv")
@@ -301,6 +308,19 @@ class DirectService:
         call.start()
         log.info("call %s started (session %s)", call.id, session.id)
         return call, answer
+
+    def _greeting_text(self, options: Any) -> str | None:
+        """The greeting's words (for the transcript), when the call plays one."""
+        if not options.play_greeting:
+            return None
+        try:
+            greeting = self.engine.models.resolve_greeting(options)[0]
+            if greeting is None:
+                return None
+            return self.engine.models.fmt.decode_text(list(greeting.text_ids)).strip() or None
+        except Exception:  # cosmetic: never fail a call over it
+            log.debug("greeting text unavailable", exc_info=True)
+            return None
 
     def _ice_servers(self) -> list[RTCIceServer]:
         # an explicit empty list: aiortc would otherwise query a public STUN server
