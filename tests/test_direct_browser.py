@@ -107,6 +107,17 @@ async def test_browser_call_shows_transcript_state_and_plays_agent_audio(
         assert await page.get_attribute("#call", "aria-label") == "Start a call"
         assert s.page_errors == []
 
+        # call again, then close the tab: the server ends that call too
+        await page.click("#call")
+        await page.wait_for_function(
+            "['listening', 'speaking'].includes(document.getElementById('state').dataset.state)"
+        )
+        (call,) = srv.service.calls.values()
+        await page.close()
+        await asyncio.wait_for(call.wait_closed(), 15)
+        assert call.end_reason in ("hung up (DELETE)", "connection closed by the peer")
+        assert srv.engine.live_sessions == 0
+
 
 async def test_browser_shows_a_clear_message_when_the_microphone_is_denied(tiny_models, web_client) -> None:
     deny = """navigator.mediaDevices.getUserMedia = () =>

@@ -26,13 +26,15 @@ pytestmark = pytest.mark.timeout(120)
 CALLS = "/v1/webrtc/calls"
 
 
-async def _offer_sdp(audio: bool = True) -> str:
+async def _offer_sdp(audio: bool = True, extra: str | None = None) -> str:
     pc = RTCPeerConnection()
     try:
         if audio:
             pc.addTransceiver("audio", direction="sendrecv")
         else:
             pc.createDataChannel("events")
+        if extra is not None:
+            pc.addTransceiver(extra, direction="sendrecv")
         await pc.setLocalDescription(await pc.createOffer())
         return pc.localDescription.sdp
     finally:
@@ -62,6 +64,8 @@ async def test_malformed_and_oversized_offers_get_clear_errors(tiny_models) -> N
             ((await _offer_sdp(audio=False)).encode(), "application/sdp", 400, "malformed_sdp"),
             (good.replace("opus", "xopus").encode(), "application/sdp", 400, "unsupported_offer"),
             (good.replace("a=sendrecv", "a=recvonly").encode(), "application/sdp", 400, "unsupported_offer"),
+            ((await _offer_sdp(extra="video")).encode(), "application/sdp", 400, "unsupported_offer"),
+            ((await _offer_sdp(extra="audio")).encode(), "application/sdp", 400, "unsupported_offer"),
             (good.encode(), "text/plain", 415, "unsupported_media_type"),
             (b"{not json", "application/json", 400, "malformed_request"),
             (json.dumps({"sdp": good, "options": {"flow_control": "none"}}).encode(), "application/json", 400,

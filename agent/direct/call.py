@@ -88,6 +88,7 @@ class DirectCall(PlaybackListener):
         self.latencies: list[dict[str, Any]] = []
         self._backpressure_reported = False
         self.inbound_frames = 0
+        self._reading = False
 
         pc.on("connectionstatechange", self._on_connection_state)
         pc.on("datachannel", self._on_datachannel)
@@ -201,7 +202,8 @@ class DirectCall(PlaybackListener):
             self._close_soon("connection closed by the peer")
 
     def _on_track(self, track: MediaStreamTrack) -> None:
-        if track.kind == "audio":
+        if track.kind == "audio" and not self._reading:
+            self._reading = True  # one caller voice per call: the first audio section
             self._spawn(self._read_inbound(track), "inbound")
 
     def _on_datachannel(self, channel: Any) -> None:

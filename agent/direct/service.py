@@ -362,6 +362,10 @@ def _check_sdp(text: str) -> None:
     audio = [m for m in desc.media if m.kind == "audio"]
     if not audio:
         raise SignallingError(400, "malformed_sdp", "the offer has no audio section")
+    if len(audio) > 1 or any(m.kind == "video" for m in desc.media):
+        raise SignallingError(
+            400, "unsupported_offer", "send one audio section (and a data channel); no video"
+        )
     if audio[0].direction not in (None, "sendrecv"):
         raise SignallingError(
             400, "unsupported_offer", f"the offer's audio must be sendrecv, not {audio[0].direction}"
