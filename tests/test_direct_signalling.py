@@ -161,6 +161,17 @@ async def test_call_limit_and_engine_capacity_answer_503(tiny_models) -> None:
             await again.call()
             assert await again.hangup() == 204
 
+    # offers answered at the same time count once each against the limit
+    async with (
+        direct_server(tiny_models, max_calls=2) as srv,
+        DirectClient(srv.url) as a,
+        DirectClient(srv.url) as b,
+    ):
+        await asyncio.gather(a.call(), b.call())
+        assert len(srv.service.calls) == 2
+        status, text, _ = await _post(srv.url, await _offer_sdp())
+        assert status == 503 and _code(text) == "call_limit"
+
     async with direct_server(tiny_models, max_sessions=1, max_calls=4) as srv:
         async with DirectClient(srv.url) as first:
             await first.call()

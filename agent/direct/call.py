@@ -81,6 +81,7 @@ class DirectCall(PlaybackListener):
         self._closed = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._pump_task: asyncio.Task[Any] | None = None
+        self._closer: asyncio.Task[Any] | None = None
         self._pushed_ms = 0.0
         self._arrivals: deque[tuple[float, float]] = deque()  # (input ms at the end of a frame, loop time)
         self._turn_end_wall: dict[str, float | None] = {}
@@ -160,8 +161,8 @@ class DirectCall(PlaybackListener):
         await asyncio.sleep(0.02)  # let SCTP transmit what left the channel buffer
 
     def _close_soon(self, reason: str) -> None:
-        if not self._closing:
-            self._loop.create_task(self.close(reason))
+        if not self._closing and self._closer is None:
+            self._closer = self._loop.create_task(self.close(reason), name=f"direct-{self.id}-close")
 
     async def _watchdog(self) -> None:
         s = self.settings

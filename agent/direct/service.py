@@ -281,7 +281,6 @@ class DirectService:
             self._forget,
             greeting_text=self._greeting_text(options),
         )
-        self.calls[call.id] = call
         try:
             transceiver = pc.addTransceiver(call.track, direction="sendrecv")
             opus = [
@@ -305,6 +304,11 @@ class DirectService:
                 raise
             log.exception("answering an offer failed")
             raise SignallingError(500, "internal_error", f"could not answer the offer: {exc}") from exc
+        if self._closing:  # shutdown began while this offer was being answered
+            await call.close("server shutdown")
+            raise SignallingError(503, "shutting_down", "the server is shutting down")
+        # registered only now, in the same step that releases its reservation (no double count)
+        self.calls[call.id] = call
         call.start()
         log.info("call %s started (session %s)", call.id, session.id)
         return call, answer
