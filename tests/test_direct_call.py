@@ -91,6 +91,11 @@ async def test_call_turn_and_reply_over_webrtc(tiny_models, zh48) -> None:
         assert status == 204
         assert srv.service.calls == {} and srv.engine.live_sessions == 0
         assert srv.service.ended[-1]["reason"] == "hung up (DELETE)"
+        metric = srv.service.metrics.registry.get_sample_value
+        assert metric("sg2_direct_calls_ended_total", {"reason": "hangup"}) == 1
+        assert metric("sg2_direct_input_audio_seconds_total") >= 0.5 + len(zh48) / RATE
+        assert metric("sg2_direct_output_audio_seconds_total") == pytest.approx(2.4, abs=0.001)
+        assert metric("sg2_direct_first_audio_seconds_count") == 1
 
 
 async def test_talking_over_the_reply_stops_the_agent_within_300_ms(tiny_models, zh48, en48) -> None:

@@ -92,6 +92,9 @@ async def test_malformed_and_oversized_offers_get_clear_errors(tiny_models) -> N
 
         # nothing was left behind, and a good offer still works
         assert srv.service.calls == {} and srv.engine.live_sessions == 0
+        offers = srv.service.metrics.registry.get_sample_value
+        assert offers("sg2_direct_offers_total", {"outcome": "malformed_sdp"}) == 4
+        assert offers("sg2_direct_offers_total", {"outcome": "offer_too_large"}) == 2
         got, answer, headers = await _post(srv.url, good)
         assert got == 201 and answer.startswith("v=0") and headers["Location"].startswith(CALLS + "/call_")
         assert headers["Content-Type"].startswith("application/sdp")
@@ -204,6 +207,9 @@ async def test_vanished_caller_is_cleaned_up(tiny_models) -> None:
                 await proc.wait()
         assert "no audio from the caller" in call.end_reason
         assert srv.service.calls == {} and srv.engine.live_sessions == 0
+        metric = srv.service.metrics.registry.get_sample_value
+        assert metric("sg2_direct_calls_ended_total", {"reason": "media_timeout"}) == 1
+        assert metric("sg2_direct_active_calls") == 0
 
 
 async def test_closed_tab_and_server_shutdown_end_calls(tiny_models) -> None:
@@ -231,3 +237,6 @@ async def test_closed_tab_and_server_shutdown_end_calls(tiny_models) -> None:
             assert srv.service.calls == {} and srv.engine.live_sessions == 0
             status, text, _ = await _post(srv.url, await _offer_sdp())
             assert status == 503 and _code(text) == "shutting_down"
+        metric = srv.service.metrics.registry.get_sample_value
+        assert metric("sg2_direct_calls_ended_total", {"reason": "peer_closed"}) == 1
+        assert metric("sg2_direct_calls_ended_total", {"reason": "shutdown"}) == 2

@@ -30,6 +30,7 @@ from sg2_runtime.engine import events as ev
 from sg2_runtime.engine.session import BackpressureError, Session, SessionClosedError
 
 from . import protocol
+from .metrics import DirectMetrics
 from .outbound import AgentAudioTrack, PlaybackListener
 from .settings import DirectSettings
 
@@ -60,7 +61,9 @@ class DirectCall(PlaybackListener):
         settings: DirectSettings,
         on_closed: Callable[[DirectCall], None],
         greeting_text: str | None = None,
+        metrics: DirectMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or DirectMetrics()
         self.id = call_id
         self.greeting_text = greeting_text
         self.pc = pc
@@ -77,6 +80,7 @@ class DirectCall(PlaybackListener):
         self.connected_at: float | None = None
         self.last_media: float | None = None
         self.end_reason: str | None = None
+        self.end_kind: str | None = None  # a short category of end_reason (metrics label)
         self._closing = False
         self._closed = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -90,6 +94,7 @@ class DirectCall(PlaybackListener):
         self._backpressure_reported = False
         self.inbound_frames = 0
         self._reading = False
+        self._last_ack: tuple[str | None, int] = (None, 0)
 
         pc.on("connectionstatechange", self._on_connection_state)
         pc.on("datachannel", self._on_datachannel)
@@ -115,13 +120,14 @@ class DirectCall(PlaybackListener):
     async def wait_closed(self) -> None:
         await self._closed.wait()
 
-    async def close(self, reason: str) -> None:
+    async def close(self, reason: str, kind: str = "other") -> None:
         """End the call (idempotent): tell the page, release the session, close the connection."""
         if self._closing:
             await self._closed.wait()
             return
         self._closing = True
         self.end_reason = reason
+        self.end_kind = kind
         log.info("call %s ending: %s", self.id, reason)
         try:
             self._send(protocol.encode("call_ended", reason=reason))
@@ -160,9 +166,9 @@ class DirectCall(PlaybackListener):
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.02)  # let SCTP transmit what left the channel buffer
 
-    def _close_soon(self, reason: str) -> None:
+    def _close_soon(self, reason: str, kind: str) -> None:
         if not self._closing and self._closer is None:
-            self._closer = self._loop.create_task(self.close(reason), name=f"direct-{self.id}-close")
+            self._closer = self._loop.create_task(self.close(reason, kind), name=f"direct-{self.id}-close")
 
     async def _watchdog(self) -> None:
         s = self.settings
@@ -171,12 +177,14 @@ class DirectCall(PlaybackListener):
             now = self._loop.time()
             if self.connected_at is None:
                 if now - self.created > s.connect_timeout_s:
-                    self._close_soon(f"not connected within {s.connect_timeout_s:g} s")
+                    self._close_soon(f"not connected within {s.connect_timeout_s:g} s", "connect_timeout")
                     return
             else:
                 last = max(self.last_media or 0.0, self.connected_at)
                 if now - last > s.media_timeout_s:
-                    self._close_soon(f"no audio from the caller for {s.media_timeout_s:g} s (peer gone)")
+                    self._close_soon(
+                        f"no audio from the caller for {s.media_timeout_s:g} s (peer gone)", "media_timeout"
+                    )
                     return
             await asyncio.sleep(period)
 
@@ -198,9 +206,9 @@ class DirectCall(PlaybackListener):
         if state == "connected" and self.connected_at is None:
             self.connected_at = self._loop.time()
         elif state == "failed":
-            self._close_soon("connection failed (ICE/DTLS)")
+            self._close_soon("connection failed (ICE/DTLS)", "connection_failed")
         elif state == "closed":
-            self._close_soon("connection closed by the peer")
+            self._close_soon("connection closed by the peer", "peer_closed")
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio" and not self._reading:
@@ -266,6 +274,7 @@ class DirectCall(PlaybackListener):
             except SessionClosedError:
                 return
             self._pushed_ms += frame.samples * 1000.0 / frame.sample_rate
+            self.metrics.input_audio.inc(frame.samples / frame.sample_rate)
             self._arrivals.append((self._pushed_ms, now))
             while self._arrivals and now - self._arrivals[0][1] > INPUT_TIMELINE_S:
                 self._arrivals.popleft()
@@ -290,7 +299,7 @@ class DirectCall(PlaybackListener):
                 except Exception:
                     log.exception("call %s: handling %s failed", self.id, event.type)
         finally:
-            self._close_soon(reason)
+            self._close_soon(reason, "session_closed")
 
     def _on_event(self, e: ev.Event) -> None:
         send = self._send
@@ -389,6 +398,11 @@ class DirectCall(PlaybackListener):
 
     # ------------------------------------------------------------------ playback (from the track)
     def on_ack(self, response_id: str, played_ms: int) -> None:
+        last_id, last_ms = self._last_ack
+        sent = played_ms - (last_ms if last_id == response_id else 0)
+        self._last_ack = (response_id, played_ms)
+        if sent > 0:
+            self.metrics.output_audio.inc(sent / 1000.0)
         with contextlib.suppress(SessionClosedError):
             self.session.playback_ack(played_ms, response_id)
 
@@ -437,4 +451,6 @@ class DirectCall(PlaybackListener):
             "model_ms": round(m.commit_to_first_audio_ms, 1),
         }
         self.latencies.append(record)
+        self.metrics.first_audio.observe(total / 1000.0)
+        self.metrics.track_delay.observe(transport / 1000.0)
         self._send(protocol.encode("latency", **record))

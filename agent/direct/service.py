@@ -35,6 +35,7 @@ from aiortc.sdp import SessionDescription
 from sg2_runtime.engine.engine import CapacityError
 
 from .call import DirectCall
+from .metrics import DirectMetrics
 from .rtc import tune_audio_jitter_buffer
 from .settings import DirectSettings
 
@@ -63,10 +64,15 @@ class DirectService:
     """Every browser call of one server process."""
 
     def __init__(
-        self, engine: Any, settings: DirectSettings, key_check: Callable[[str | None], bool] | None = None
+        self,
+        engine: Any,
+        settings: DirectSettings,
+        key_check: Callable[[str | None], bool] | None = None,
+        metrics: DirectMetrics | None = None,
     ) -> None:
         self.engine = engine
         self.settings = settings
+        self.metrics = metrics or DirectMetrics()
         # the transport's own access key if set; else whatever the host server accepts (API keys)
         self.key_check = (
             settings.key_matches if settings.access_key is not None or key_check is None else key_check
@@ -100,7 +106,7 @@ class DirectService:
         calls = list(self.calls.values())
         if calls:
             log.info("closing %d browser call(s): %s", len(calls), reason)
-        await asyncio.gather(*(c.close(reason) for c in calls), return_exceptions=True)
+        await asyncio.gather(*(c.close(reason, "shutdown") for c in calls), return_exceptions=True)
 
     # ------------------------------------------------------------------ handlers
     async def handle_index(self, request: web.Request) -> web.StreamResponse:
@@ -163,7 +169,7 @@ class DirectService:
             call = self._get_call(request)
         except SignallingError as err:
             return err.response()
-        await call.close("hung up (DELETE)")
+        await call.close("hung up (DELETE)", "hangup")
         return web.Response(status=204)
 
     async def handle_offer(self, request: web.Request) -> web.Response:
@@ -173,13 +179,17 @@ class DirectService:
             options = self._options(overrides)
             self._reserve()
         except SignallingError as err:
+            self.metrics.offers.labels(err.code).inc()
             return err.response()
         try:
             call, answer = await self._answer(sdp, options)
         except SignallingError as err:
+            self.metrics.offers.labels(err.code).inc()
             return err.response()
         finally:
             self._pending -= 1
+        self.metrics.offers.labels("answered").inc()
+        self.metrics.active.set(len(self.calls))
         location = f"{API}/calls/{call.id}"
         headers = {"Location": location}
         links = [
@@ -280,6 +290,7 @@ class DirectService:
             self.settings,
             self._forget,
             greeting_text=self._greeting_text(options),
+            metrics=self.metrics,
         )
         try:
             transceiver = pc.addTransceiver(call.track, direction="sendrecv")
@@ -298,14 +309,15 @@ class DirectService:
             answer = pc.localDescription.sdp
         except BaseException as exc:
             await call.close(
-                "signalling failed" if isinstance(exc, SignallingError) else f"signalling error: {exc}"
+                "signalling failed" if isinstance(exc, SignallingError) else f"signalling error: {exc}",
+                "signalling_failed",
             )
             if isinstance(exc, SignallingError | asyncio.CancelledError):
                 raise
             log.exception("answering an offer failed")
             raise SignallingError(500, "internal_error", f"could not answer the offer: {exc}") from exc
         if self._closing:  # shutdown began while this offer was being answered
-            await call.close("server shutdown")
+            await call.close("server shutdown", "shutdown")
             raise SignallingError(503, "shutting_down", "the server is shutting down")
         # registered only now, in the same step that releases its reservation (no double count)
         self.calls[call.id] = call
@@ -340,7 +352,11 @@ class DirectService:
     def _forget(self, call: DirectCall) -> None:
         if self.calls.get(call.id) is call:
             del self.calls[call.id]
-            self.ended.append({"id": call.id, "reason": call.end_reason, "latencies": call.latencies})
+            self.metrics.active.set(len(self.calls))
+            self.metrics.ended.labels(call.end_kind or "other").inc()
+            self.ended.append(
+                {"id": call.id, "reason": call.end_reason, "kind": call.end_kind, "latencies": call.latencies}
+            )
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -393,17 +409,19 @@ def setup_direct(
     settings: DirectSettings | dict[str, Any] | None = None,
     *,
     key_check: Callable[[str | None], bool] | None = None,
+    registry: Any = None,
 ) -> DirectService:
     """Add browser calls to an aiohttp app: signalling routes, the web client at '/', shutdown hook.
 
     ``engine`` is a started :class:`sg2_runtime.engine.engine.Engine` whose lifetime the caller owns
     (calls are closed in ``on_shutdown``, which aiohttp runs before ``on_cleanup``). ``key_check``
     (optional) accepts or refuses a presented key when ``settings.access_key`` is not set, e.g. the
-    host server's API keys.
+    host server's API keys; ``registry`` is the Prometheus registry for the transport's metrics
+    (a private one if None).
     """
     if not isinstance(settings, DirectSettings):
         settings = DirectSettings.model_validate(settings or {})
-    service = DirectService(engine, settings, key_check)
+    service = DirectService(engine, settings, key_check, DirectMetrics(registry))
     service.install(app)
     app[DIRECT_SERVICE] = service
     return service
@@ -429,7 +447,7 @@ def install(app: web.Application) -> None:
     Reads the ``direct:`` section of the server settings (:class:`DirectSettings`); without a
     ``direct.access_key`` the server's own API keys (``auth:``) protect the signalling routes.
     """
-    from sg2_runtime.server.app import AUTH_KEY, ENGINE_KEY, SETTINGS_KEY
+    from sg2_runtime.server.app import AUTH_KEY, ENGINE_KEY, METRICS_KEY, SETTINGS_KEY
 
     settings = DirectSettings.model_validate(app[SETTINGS_KEY].section("direct"))
     if not settings.enabled:
@@ -437,7 +455,9 @@ def install(app: web.Application) -> None:
         return
     auth = app.get(AUTH_KEY)
     key_check = auth.accepts if auth is not None and auth.enabled else None
-    setup_direct(app, app[ENGINE_KEY], settings, key_check=key_check)
+    metrics = app.get(METRICS_KEY)
+    registry = metrics.registry if metrics is not None else None
+    setup_direct(app, app[ENGINE_KEY], settings, key_check=key_check, registry=registry)
 
 
 DIRECT_SERVICE: web.AppKey[DirectService] = web.AppKey("sg2_direct_service", DirectService)
