@@ -119,6 +119,7 @@ export class DirectConnection implements CallConnection {
 
     await pc.setLocalDescription(await pc.createOffer());
     await gatheringDone(pc, 3000);
+    if (this.closed) return; // hung up while gathering
     const resp = await fetch(this.config.calls_endpoint, {
       method: "POST",
       headers: { "Content-Type": "application/sdp", ...authHeaders(this.key) },
@@ -130,6 +131,10 @@ export class DirectConnection implements CallConnection {
       throw err;
     }
     this.location = resp.headers.get("Location");
+    if (this.closed) {
+      await this.deleteResource(false); // hung up while the offer was being answered
+      return;
+    }
     await pc.setRemoteDescription({ type: "answer", sdp: await resp.text() });
     window.addEventListener("pagehide", this.onPageHide);
   }

@@ -46,6 +46,7 @@ let audioCtx: AudioContext | null = null;
 let meters: { mic: LevelMeter; agent: LevelMeter } | null = null;
 let meterTimer: number | undefined;
 let inCall = false;
+let attempt = 0; // bumped when a call attempt is abandoned (Hang up pressed while connecting)
 const replies = new Map<string, HTMLLIElement>();
 
 function setState(state: UiState, detail?: string): void {
@@ -186,13 +187,20 @@ function accessKey(): string | null {
   return key || null;
 }
 
+class Abandoned extends Error {}
+
 async function startCall(): Promise<void> {
+  const mine = ++attempt;
+  const live = () => {
+    if (mine !== attempt) throw new Abandoned();
+  };
   showError(null);
   setCallButton(true);
   setState("connecting");
   try {
     const key = accessKey();
     const config = await fetchDirectConfig(key);
+    live();
     if (config.auth_required && !config.authorized) {
       ui.keyRow.hidden = false;
       throw new SignallingError(401, "unauthorized", "This server needs an access key: enter it above.");
@@ -206,6 +214,7 @@ async function startCall(): Promise<void> {
     } catch (err) {
       throw new Error(micErrorMessage(err));
     }
+    live();
     startMeters();
     const conn = new DirectConnection(config, key);
     connection = conn;
@@ -217,10 +226,15 @@ async function startCall(): Promise<void> {
       },
       onEvent: onAgentEvent,
       onClosed(reason) {
-        endCall(reason);
+        if (mine === attempt) endCall(reason);
       },
     });
+    if (mine !== attempt) void conn.hangup(); // abandoned while the offer was being answered
   } catch (err) {
+    if (err instanceof Abandoned) {
+      mic?.getTracks().forEach((t) => t.stop());
+      return;
+    }
     const message =
       err instanceof SignallingError
         ? err.status === 503
@@ -249,7 +263,10 @@ ui.call.addEventListener("click", () => {
   if (inCall) {
     const conn = connection;
     if (conn) void conn.hangup();
-    else endCall("you hung up");
+    else {
+      attempt++; // still connecting: abandon the attempt
+      endCall("you hung up");
+    }
   } else {
     void startCall();
   }
