@@ -185,6 +185,16 @@ async def test_call_limit_and_engine_capacity_answer_503(tiny_models) -> None:
         assert srv.engine.live_sessions == 0
 
 
+async def test_an_offer_that_never_connects_is_dropped(tiny_models) -> None:
+    async with direct_server(tiny_models, connect_timeout_s=1.0) as srv:
+        status, _, headers = await _post(srv.url, await _offer_sdp())  # that peer is already gone
+        assert status == 201
+        call = srv.service.calls[headers["Location"].rsplit("/", 1)[1]]
+        await asyncio.wait_for(call.wait_closed(), 15)
+        assert call.end_kind == "connect_timeout" and call.end_reason == "not connected within 1 s"
+        assert srv.service.calls == {} and srv.engine.live_sessions == 0
+
+
 async def test_vanished_caller_is_cleaned_up(tiny_models) -> None:
     """The caller's process is killed mid-call: no DELETE, no DTLS close, its packets just stop."""
     async with direct_server(tiny_models, media_timeout_s=1.5) as srv:

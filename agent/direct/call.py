@@ -316,7 +316,9 @@ class DirectCall(PlaybackListener):
         elif isinstance(e, ev.SpeechStopped):
             send(protocol.encode("speech_stopped", audio_ms=e.audio_end_ms))
         elif isinstance(e, ev.TurnCommitted):
-            self._turn_end_wall[e.turn_id] = self._arrival_of(e.audio_end_ms)
+            # latency counts from the end of the caller's speech as it arrived (a typed turn: now)
+            end = self._arrival_of(e.audio_end_ms) if e.kind == "audio" else self._loop.time()
+            self._turn_end_wall[e.turn_id] = end
             send(
                 protocol.encode(
                     "turn_committed",
