@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from sg2_runtime.codec.kernels import Linear, depthwise_taps, im2col
+from sg2_runtime.codec.layers import CausalConv
 from sg2_runtime.codec.transformer import ROPE_TABLE_LENGTH, Transformer, attention
 from tests.codec_support import tiny_config
 
@@ -70,14 +71,18 @@ def test_linear_rows_do_not_depend_on_row_count(k, n):
     ("channels", "dilation", "steps"), [(768, 1, 20), (768, 5, 20), (384, 3, 80), (96, 5, 960)]
 )
 def test_grouped_conv_samples_do_not_depend_on_batch(channels, dilation, steps):
-    w = torch.randn(channels, channels // 3, 11, generator=_gen(channels)) * 0.05
-    b = torch.randn(channels, generator=_gen(3))
-    x = torch.randn(6, channels, steps + 10 * dilation, generator=_gen(4))
-    full = F.conv1d(x, w, b, dilation=dilation, groups=3)
-    for batch in (1, 2, 5):
-        assert torch.equal(F.conv1d(x[:batch], w, b, dilation=dilation, groups=3), full[:batch]), (
-            f"batch {batch}"
-        )
+    """The HiFi-GAN grouped convs (pre-packed kernel for short calls, conv1d for long ones)."""
+    conv = CausalConv("c", channels, channels, 11, dilation=dilation, groups=3)
+    conv.weight.copy_(torch.randn(channels, channels // 3, 11, generator=_gen(channels)) * 0.05)
+    conv.bias.copy_(torch.randn(channels, generator=_gen(3)))
+    conv.prepare()
+    for length in (steps, 4 * steps):
+        x = torch.randn(6, channels, length + 10 * dilation, generator=_gen(4))
+        full = conv._apply(x)
+        ref = F.conv1d(x, conv.weight, conv.bias, dilation=dilation, groups=3)
+        assert (full - ref).abs().max() < 1e-3
+        for batch in (1, 2, 5):
+            assert torch.equal(conv._apply(x[:batch]), full[:batch]), f"batch {batch}, {length} steps"
 
 
 def test_im2col_and_depthwise_match_torch_convs():

@@ -136,7 +136,7 @@ class CodecModel(nn.Module):
                     module._buffers[name] = buf.to(device=device)
         self.compute_dtype = dtype
         for module in self.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, Linear | CausalConv):
                 module.prepare()
         return self.eval()
 
