@@ -102,7 +102,8 @@ def test_im2col_and_depthwise_match_torch_convs():
     ("heads", "steps", "keys", "dim"), [(8, 4, 515, 64), (8, 1, 140, 128), (8, 16, 515, 64)]
 )
 def test_attention_rows_do_not_depend_on_batch(heads, steps, keys, dim):
-    q = torch.randn(5, heads, steps, dim, generator=_gen(9))
+    # q as the model makes it: a (B, T, H, D) projection viewed as (B, H, T, D).
+    q = torch.randn(5, steps, heads, dim, generator=_gen(9)).transpose(1, 2)
     k = torch.randn(5, heads, keys, dim, generator=_gen(10))
     v = torch.randn(5, heads, keys, dim, generator=_gen(11))
     allowed = torch.rand(5, 1, steps, keys, generator=_gen(12)) > 0.3

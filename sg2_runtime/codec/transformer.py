@@ -55,10 +55,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
     """
     if q.device.type == "cuda":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    # Contiguous operands: the batched-matmul kernel (and so the rounding) must not depend on
+    # how the caller's views happen to be strided, which can vary with the batch size.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     # k @ q^T (then transposed) rather than q @ k^T: one long operand per item is ~2x faster on
     # CPU when, as in streaming, a few queries meet a whole KV window.
-    scores = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2) * (1.0 / math.sqrt(q.shape[-1]))
-    scores = scores.float().masked_fill(~allowed, float("-inf"))
+    scores = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2).contiguous()
+    scores = (scores * (1.0 / math.sqrt(q.shape[-1]))).float().masked_fill_(~allowed, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
 
 
