@@ -143,6 +143,7 @@ class Transformer(ReleasedLayer):
         )
         freqs = rope_frequencies(cfg.head_dim, cfg.max_period)
         angles = torch.arange(ROPE_TABLE_LENGTH, dtype=torch.float32)[:, None] * freqs
+        self.register_buffer("ring_index", torch.arange(self.capacity), persistent=False)
         self.register_buffer("freqs", freqs, persistent=False)
         self.register_buffer("rope_cos", torch.cos(angles), persistent=False)
         self.register_buffer("rope_sin", torch.sin(angles), persistent=False)
@@ -214,7 +215,7 @@ class Transformer(ReleasedLayer):
         ring = positions % cap  # where each new key goes
         # Position held by each ring entry once this pass's keys are written (-1: never written).
         end = (start + t)[:, None]
-        slot_pos = end - 1 - torch.remainder(end - 1 - torch.arange(cap, device=device), cap)
+        slot_pos = end - 1 - torch.remainder(end - 1 - self.ring_index, cap)
         delta = positions[:, :, None] - slot_pos[:, None, :]
         allowed = ((slot_pos >= 0)[:, None, :] & (delta >= 0) & (delta < self.context)).unsqueeze(1)
         rows = ctx.rows[:, None]
