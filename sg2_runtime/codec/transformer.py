@@ -3,7 +3,7 @@
 Numerics follow the moshi-style transformer the codec was trained with: pre-norm layers,
 `x + ls1 * out_proj(attn(norm1(x)))`, `x + ls2 * linear2(gelu(linear1(norm2(x))))`, fused
 bias-free QKV projection, RoPE on interleaved (even, odd) pairs with angles `t * freq` computed in
-float32, and a query at position p attending to keys p - context < q <= p.
+float32, and a query at position p attending to the keys at positions p - context < j <= p.
 
 Streaming keeps, per slot and layer, a ring buffer of `context + MAX_STEPS_PER_PASS - 1` keys and
 values. A call is processed in passes of at most MAX_STEPS_PER_PASS steps: the pass's keys are
