@@ -3,9 +3,9 @@
 Full-size config (the released `sg2_codec_config.yaml`), random weights built in memory, so no
 download is needed. Prints a table and writes JSON (default `benchmarks/results/codec_bench.json`).
 
-Reported per row: ms per call, ms per frame per stream, real-time factor of the call (compute
-time / audio time it produces for one stream; < 1 keeps up), and the ratio of the cost per
-stream-frame to the whole-utterance cost per frame of a 2 s utterance (the compute floor).
+Reported per row: ms per call, ms per frame per stream, real-time factor of the call (its compute
+time / the audio duration it covers; < 1 keeps up with every stream in the batch), and the ratio
+of the cost per stream-frame to the whole-utterance cost per frame of a 2 s utterance (the floor).
 
     python benchmarks/codec_bench.py                      # CPU (+ CUDA if available)
     python benchmarks/codec_bench.py --device cuda --batches 1,4,16,64
@@ -83,13 +83,19 @@ def _row(mode: str, op: str, batch: int, frames: int, times: tuple[float, float]
         "ms_per_call": best,
         "ms_per_call_median": median,
         "ms_per_stream_frame": per_stream,
-        "rtf": best / (frames * FRAME_MS),
+        "rtf": best / (frames * FRAME_MS),  # whole call vs the audio time it advances every stream
         "ratio_vs_whole": per_stream / floor,
     }
 
 
 def bench_device(
-    codec: SG2Codec, batches: list[int], seconds: float, steady_seconds: float, steps: int, repeat: int
+    codec: SG2Codec,
+    batches: list[int],
+    chunk_frames: list[int],
+    seconds: float,
+    steady_seconds: float,
+    steps: int,
+    repeat: int,
 ) -> list[dict]:
     device = codec.device
     fs = codec.frame_samples
@@ -115,12 +121,14 @@ def bench_device(
         enc = codec.streaming_encoder(batch)
         dec = codec.streaming_decoder(batch)
         chunk = _speechlike(batch, fs, device, seed=batch)
-        frame_tokens = torch.randint(0, codec.codebook_size, (codec.n_q, batch, 1), device=device)
-        for name, stream, arg in (("encode", enc, chunk), ("decode", dec, frame_tokens)):
-            stream.reset()
-            # Warm past the first (fresh-slot) calls, then time `steps` steady-state calls.
-            t = _time_ms(lambda s=stream, a=arg: s.step(a), device, steps, 3)
-            rows.append(_row("stream", name, batch, 1, t, floor[name]))
+        for k in chunk_frames:
+            audio_k = _speechlike(batch, k * fs, device, seed=batch)
+            tokens_k = torch.randint(0, codec.codebook_size, (codec.n_q, batch, k), device=device)
+            for name, stream, arg in (("encode", enc, audio_k), ("decode", dec, tokens_k)):
+                stream.reset()
+                # Warm past the first (fresh-slot) calls, then time `steps` steady-state calls.
+                t = _time_ms(lambda s=stream, a=arg: s.step(a), device, steps, 3)
+                rows.append(_row("stream", name, batch, k, t, floor[name]))
         if device.type == "cuda" and batch == max(batches):
 
             def both(e=enc, d=dec, a=chunk) -> None:
@@ -135,14 +143,15 @@ def format_table(device_name: str, rows: list[dict], steps: int, repeat: int) ->
     lines = [
         f"**{device_name}** (best of {repeat} whole-utterance runs / {steps} streaming calls)",
         "",
-        "| mode | op | streams | ms per call | ms per stream-frame | RTF | vs whole 2 s |",
+        "| mode | op | streams | ms per call | ms per stream-frame | RTF (call) | vs whole 2 s |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         if r["mode"] == "whole":
             label = f"whole {r['frames_per_call'] * FRAME_MS / 1000:g} s"
         else:
-            label = "stream, 1 frame/call"
+            k = r["frames_per_call"]
+            label = f"stream, {k} frame{'s' if k > 1 else ''}/call"
         lines.append(
             f"| {label} | {r['op']} | {r['batch']} | {r['ms_per_call']:.1f} | "
             f"{r['ms_per_stream_frame']:.2f} | {r['rtf']:.3f} | {r['ratio_vs_whole']:.2f}x |"
@@ -154,12 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cpu + cuda if available)")
     p.add_argument("--batches", default=None, help="comma-separated streaming batch sizes")
+    p.add_argument("--frames-per-call", default="1,3", help="comma-separated streaming chunk sizes (frames)")
     p.add_argument("--seconds", type=float, default=2.0, help="whole-utterance length (the floor)")
     p.add_argument(
         "--steady-seconds", type=float, default=20.0, help="also time a whole utterance this long (0: skip)"
     )
     p.add_argument("--steps", type=int, default=12, help="timed streaming calls per row")
-    p.add_argument("--repeat", type=int, default=3, help="timed whole-utterance runs")
+    p.add_argument("--repeat", type=int, default=5, help="timed whole-utterance runs (2 s)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--config", default=_default_config(), help="codec YAML (default: the released config)")
     p.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "codec_bench.json"))
@@ -191,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         codec = build_random_codec(config, seed=0, device=dev, dtype=dtype)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{args.threads} threads"
         name = f"{name}, {str(dtype).replace('torch.', '')}"
-        rows = bench_device(codec, batches, args.seconds, args.steady_seconds, args.steps, args.repeat)
+        chunks = [int(k) for k in args.frames_per_call.split(",")]
+        rows = bench_device(
+            codec, batches, chunks, args.seconds, args.steady_seconds, args.steps, args.repeat
+        )
         results["devices"][dev] = {"name": name, "rows": rows}
         print(format_table(name, rows, args.steps, args.repeat), flush=True)
         print()
