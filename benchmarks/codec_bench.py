@@ -20,6 +20,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,20 +50,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_ms(fn, device: torch.device, repeat: int, warmup: int) -> tuple[float, float]:
-    """(best, median) wall time of `fn` in ms. Best-of-N is the figure used in the table: on a
-    shared machine other jobs only ever add time, so the minimum is the closest to the codec's
-    own cost; the median is kept in the JSON."""
+def _times_ms(fn, device: torch.device, calls: int, warmup: int) -> list[float]:
+    """Wall times of `calls` calls of `fn`, in ms, after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     _sync(device)
     times = []
-    for _ in range(repeat):
+    for _ in range(calls):
         t0 = time.perf_counter()
         fn()
         _sync(device)
         times.append((time.perf_counter() - t0) * 1000.0)
-    return min(times), statistics.median(times)
+    return times
 
 
 def _speechlike(batch: int, samples: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -72,20 +72,15 @@ def _speechlike(batch: int, samples: int, device: torch.device, seed: int = 0) -
     return (noise * env).to(device)
 
 
-def _row(mode: str, op: str, batch: int, frames: int, times: tuple[float, float], floor: float) -> dict:
-    best, median = times
-    per_stream = best / (batch * frames)
-    return {
-        "mode": mode,
-        "op": op,
-        "batch": batch,
-        "frames_per_call": frames,
-        "ms_per_call": best,
-        "ms_per_call_median": median,
-        "ms_per_stream_frame": per_stream,
-        "rtf": best / (frames * FRAME_MS),  # whole call vs the audio time it advances every stream
-        "ratio_vs_whole": per_stream / floor,
-    }
+@dataclass
+class Case:
+    mode: str
+    op: str
+    batch: int
+    frames: int
+    fn: Callable[[], object]
+    calls: int
+    times: list[float] = field(default_factory=list)
 
 
 def bench_device(
@@ -96,52 +91,79 @@ def bench_device(
     steady_seconds: float,
     steps: int,
     repeat: int,
+    rounds: int,
 ) -> list[dict]:
+    """Time every case `rounds` times, interleaved, and keep the best time of each.
+
+    On a shared machine other jobs only ever add time, so the minimum over interleaved rounds is
+    the closest estimate of the codec's own cost; medians are kept in the JSON.
+    """
     device = codec.device
     fs = codec.frame_samples
     frames = round(seconds * codec.frame_rate)
-    rows: list[dict] = []
     audio = _speechlike(1, frames * fs, device)
     tokens = codec.encode(audio)
-    enc_t = _time_ms(lambda: codec.encode(audio), device, repeat, 1)
-    dec_t = _time_ms(lambda: codec.decode(tokens), device, repeat, 1)
-    floor = {"encode": enc_t[0] / frames, "decode": dec_t[0] / frames}
-    rows.append(_row("whole", "encode", 1, frames, enc_t, floor["encode"]))
-    rows.append(_row("whole", "decode", 1, frames, dec_t, floor["decode"]))
+    cases = [
+        Case("whole", "encode", 1, frames, lambda: codec.encode(audio), repeat),
+        Case("whole", "decode", 1, frames, lambda: codec.decode(tokens), repeat),
+    ]
     if steady_seconds > 0:
         # Long enough that every attention window is full, as it is in a long streaming call.
         long_frames = round(steady_seconds * codec.frame_rate)
         long_audio = _speechlike(1, long_frames * fs, device, seed=1)
         long_tokens = codec.encode(long_audio)
-        t = _time_ms(lambda: codec.encode(long_audio), device, 1, 0)
-        rows.append(_row("whole", "encode", 1, long_frames, t, floor["encode"]))
-        t = _time_ms(lambda: codec.decode(long_tokens), device, 1, 0)
-        rows.append(_row("whole", "decode", 1, long_frames, t, floor["decode"]))
+        cases.append(Case("whole", "encode", 1, long_frames, lambda: codec.encode(long_audio), 1))
+        cases.append(Case("whole", "decode", 1, long_frames, lambda: codec.decode(long_tokens), 1))
     for batch in batches:
-        enc = codec.streaming_encoder(batch)
-        dec = codec.streaming_decoder(batch)
-        chunk = _speechlike(batch, fs, device, seed=batch)
         for k in chunk_frames:
+            enc, dec = codec.streaming_encoder(batch), codec.streaming_decoder(batch)
             audio_k = _speechlike(batch, k * fs, device, seed=batch)
             tokens_k = torch.randint(0, codec.codebook_size, (codec.n_q, batch, k), device=device)
-            for name, stream, arg in (("encode", enc, audio_k), ("decode", dec, tokens_k)):
-                stream.reset()
-                # Warm past the first (fresh-slot) calls, then time `steps` steady-state calls.
-                t = _time_ms(lambda s=stream, a=arg: s.step(a), device, steps, 3)
-                rows.append(_row("stream", name, batch, k, t, floor[name]))
-        if device.type == "cuda" and batch == max(batches):
-
-            def both(e=enc, d=dec, a=chunk) -> None:
-                d.step(e.step(a))
-
-            t = _time_ms(both, device, steps, 3)
-            rows.append(_row("stream", "encode+decode", batch, 1, t, floor["encode"] + floor["decode"]))
+            cases.append(Case("stream", "encode", batch, k, lambda e=enc, a=audio_k: e.step(a), steps))
+            cases.append(Case("stream", "decode", batch, k, lambda d=dec, t=tokens_k: d.step(t), steps))
+            if device.type == "cuda" and batch == max(batches) and k == 1:
+                cases.append(
+                    Case(
+                        "stream",
+                        "encode+decode",
+                        batch,
+                        1,
+                        lambda e=enc, d=dec, a=audio_k: d.step(e.step(a)),
+                        steps,
+                    )
+                )
+    for r in range(rounds):
+        for case in cases:
+            # First round only: warm past the fresh-slot calls and lazy initialisation.
+            warmup = (3 if case.mode == "stream" else 1) if r == 0 else 0
+            case.times += _times_ms(case.fn, device, case.calls, warmup)
+    floor = {c.op: min(c.times) / c.frames for c in cases if c.mode == "whole" and c.frames == frames}
+    floor["encode+decode"] = floor["encode"] + floor["decode"]
+    rows = []
+    for c in cases:
+        best = min(c.times)
+        per_stream = best / (c.batch * c.frames)
+        rows.append(
+            {
+                "mode": c.mode,
+                "op": c.op,
+                "batch": c.batch,
+                "frames_per_call": c.frames,
+                "timed_calls": len(c.times),
+                "ms_per_call": best,
+                "ms_per_call_median": statistics.median(c.times),
+                "ms_per_stream_frame": per_stream,
+                "rtf": best / (c.frames * FRAME_MS),  # the call vs the audio time it advances each stream
+                "ratio_vs_whole": per_stream / floor[c.op],
+            }
+        )
     return rows
 
 
-def format_table(device_name: str, rows: list[dict], steps: int, repeat: int) -> str:
+def format_table(device_name: str, rows: list[dict]) -> str:
+    calls = sorted({r["timed_calls"] for r in rows})
     lines = [
-        f"**{device_name}** (best of {repeat} whole-utterance runs / {steps} streaming calls)",
+        f"**{device_name}** (best of {'/'.join(str(c) for c in calls)} timed calls per row)",
         "",
         "| mode | op | streams | ms per call | ms per stream-frame | RTF (call) | vs whole 2 s |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
@@ -168,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--steady-seconds", type=float, default=20.0, help="also time a whole utterance this long (0: skip)"
     )
-    p.add_argument("--steps", type=int, default=12, help="timed streaming calls per row")
-    p.add_argument("--repeat", type=int, default=5, help="timed whole-utterance runs (2 s)")
+    p.add_argument("--steps", type=int, default=5, help="timed streaming calls per row and round")
+    p.add_argument("--repeat", type=int, default=2, help="timed whole-utterance (2 s) runs per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all rows (best kept)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--config", default=_default_config(), help="codec YAML (default: the released config)")
     p.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "codec_bench.json"))
@@ -203,10 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         name = f"{name}, {str(dtype).replace('torch.', '')}"
         chunks = [int(k) for k in args.frames_per_call.split(",")]
         rows = bench_device(
-            codec, batches, chunks, args.seconds, args.steady_seconds, args.steps, args.repeat
+            codec, batches, chunks, args.seconds, args.steady_seconds, args.steps, args.repeat, args.rounds
         )
         results["devices"][dev] = {"name": name, "rows": rows}
-        print(format_table(name, rows, args.steps, args.repeat), flush=True)
+        print(format_table(name, rows), flush=True)
         print()
         del codec
     results["loadavg_after"] = os.getloadavg()
