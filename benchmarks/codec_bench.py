@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sg2_runtime.codec import CodecConfig, SG2Codec, build_random_codec  # noqa: E402
+from sg2_runtime.codec.presets import codec_preset  # noqa: E402
 
 
 def _default_config() -> str:
@@ -194,20 +195,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=2, help="timed whole-utterance (2 s) runs per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all rows (best kept)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--config", default=_default_config(), help="codec YAML (default: the released config)")
+    p.add_argument(
+        "--config",
+        default=_default_config(),
+        help="codec YAML (default: the released config if found, else the built-in 'sg2' preset, same sizes)",
+    )
     p.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "codec_bench.json"))
     args = p.parse_args(argv)
 
-    if not args.config:
-        p.error("released sg2_codec_config.yaml not found; set SG2_REFERENCE_DIR or pass --config")
     torch.set_num_threads(args.threads)
     if args.device == "auto":
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:
         devices = [args.device]
-    config = CodecConfig.from_yaml(args.config)
+    config = CodecConfig.from_yaml(args.config) if args.config else codec_preset("sg2")
     results: dict = {
-        "config": str(args.config),
+        "config": str(args.config or "preset:sg2"),
         "seconds": args.seconds,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
