@@ -24,6 +24,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "sg2_runtime.lm.cli",
         "Write a random-weight speech-text LM directory (tests, benchmarks)",
     ),
+    "serve": (
+        "sg2_runtime.server.cli",
+        "Serve the engine: OpenAI-Realtime WebSocket API (/v1/realtime), /healthz, /metrics",
+    ),
 }
 
 

@@ -52,3 +52,14 @@ def tiny_models():
 
     torch.manual_seed(0)
     return tiny_random_models(max_sessions=8, max_positions=1024, seed=0)
+
+
+@pytest.fixture(scope="session")
+def server_models():
+    """Tiny random models with 24 KV slots (the 20-call server test); each server test makes its Engine."""
+    import torch
+
+    from sg2_runtime.engine.models import tiny_random_models
+
+    torch.manual_seed(0)
+    return tiny_random_models(max_sessions=24, max_positions=1024, seed=0)

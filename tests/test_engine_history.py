@@ -62,3 +62,27 @@ def test_drop_never_removes_the_open_turn() -> None:
     assert h.drop_oldest_turns("system", target=0) == 5
     assert h.turns[-1].role == "agent" and h.turns[-1].end is None
     assert h.text_ids(h.turns[-1].start).tolist() == [99, 99, 99]
+
+
+def test_replace_shifts_what_follows_and_resizes_the_holding_turn() -> None:
+    h = _build()  # system 0-5, user 5-9, agent 9-13, user 13-17, agent 17-21, user 21-25
+    delta = h.replace(11, 13, _positions(1, 99))  # agent 9-13 loses its last two positions for one
+    assert delta == -1 and h.length == 24
+    assert h.text_ids(0).tolist() == [1] * 5 + [10] * 4 + [11] * 2 + [99] + [12] * 4 + [13] * 4 + [14] * 4
+    assert [(t.role, t.start, t.end) for t in h.turns] == [
+        ("system", 0, 5),
+        ("user", 5, 9),
+        ("agent", 9, 12),
+        ("user", 12, 16),
+        ("agent", 16, 20),
+        ("user", 20, 24),
+    ]
+    h.open_turn("agent")
+    h.append(_positions(2, 50))  # an open turn after the replaced range moves too and stays open
+    assert h.replace(5, 7, _positions(4, 77)) == 2
+    assert [(t.role, t.start, t.end) for t in h.turns][-2:] == [("user", 22, 26), ("agent", 26, None)]
+    assert h.text_ids(26).tolist() == [50, 50]
+    with pytest.raises(ValueError):
+        h.replace(3, 2, _positions(1, 0))
+    with pytest.raises(OverflowError):
+        h.replace(0, 0, _positions(64, 0))

@@ -8,7 +8,11 @@ Invariants:
   ``lm_rollback``) whenever the tail it covers is rewritten.
 - A reply's audio and text leave the engine only once the user's turn is committed; a
   speculative reply started during the silence is rolled back if the user goes on talking.
-- A barge-in cuts the reply's turn in history to the chunks the listener heard.
+- A barge-in cuts the reply's turn in history to the chunks the listener heard; a transport that
+  knows exactly what was heard (``truncate_reply``) can re-cut the latest reply to that, even after
+  the next user turn has begun.
+- With ``auto_reply`` off a committed user turn waits for ``create_response``; if another user turn
+  comes first, the agent's turn in between is recorded as an empty reply (the format needs one).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class UserTurn:
     end_frame: int | None = None  # cut chosen at speculation/commit
     spec_pos: int | None = None  # history length before a speculative tail
     committed: bool = False
+    filler_pos: int | None = None  # where the empty agent turn before this one starts (auto_reply off)
 
 
 class Conversation:
@@ -107,6 +112,9 @@ class Conversation:
         self.steps_done = 0  # LM steps taken by this session (for latency accounting)
         self._candidate_start_frame: int | None = None  # barge-in: where the interrupting turn starts
         self._last_turn_end_frame = 0
+        self._awaiting_reply = False  # a committed user turn waits for create_response (auto_reply off)
+        self._last_user_turn_id: str | None = None
+        self._last_reply: Response | None = None  # the latest finished reply (truncate_reply re-cuts it)
         self._non_finite_reported = False
         self._max_turn_frames = options.turn_detection.max_turn_ms // FRAME_MS
         self._max_response_positions = max(2, options.max_response_ms // CHUNK_MS)
@@ -149,12 +157,13 @@ class Conversation:
         if self.input_ms >= self.opts.max_call_ms:
             raise SessionFailure(f"maximum call length of {self.opts.max_call_ms} ms reached")
 
-    def push_text(self, text: str) -> None:
+    def push_text(self, text: str, respond: bool = True) -> None:
         if not text.strip():
             raise ValueError("empty text turn")
         self._stop_agent_for_new_turn(status="cancelled")
         if self.turn is not None and not self.turn.committed:
             self._discard_turn()
+        self._fill_unanswered_turn()
         matrix = self.fmt.user_text_turn(text)
         self._maybe_trim_history(incoming=matrix.shape[1] // GROUP)
         turn = UserTurn(
@@ -167,7 +176,51 @@ class Conversation:
         self.turn = None
         ms = int(self.input_ms)
         self.emit(ev.TurnCommitted(turn.id, "text", ms, ms, "text"))
-        self._start_reply(turn, released=True)
+        if respond:
+            self._start_reply(turn.id, released=True)
+        else:
+            self._await_reply(turn.id)
+
+    def create_response(self, response_id: str | None = None) -> None:
+        """Start a reply now (auto_reply off, or the agent speaking first / again).
+
+        It answers the committed user turn still waiting for one, or else continues the agent's side
+        of the conversation. A reply that finished generating and is still playing is let finish
+        first; one still generating is an error. Audio appended since the last commit stays buffered
+        for the next turn when the client controls turns; with VAD on, a turn in progress is an error.
+        """
+        resp = self.response
+        if resp is not None:
+            if resp.generating or not resp.done_sent:
+                what = "the greeting is" if resp.greeting else "a reply is"
+                raise ValueError(f"{what} already in progress; cancel it first")
+            self._end_reply()
+        turn = self.turn
+        if turn is not None and not turn.committed:
+            if self.vad_enabled:
+                raise ValueError(
+                    "the user is speaking (a turn is in progress): commit or clear the audio first"
+                )
+            self._drop_open_turn()  # its frames stay buffered; poll() reopens the turn after the reply
+        if self._awaiting_reply:
+            self._start_reply(self._last_user_turn_id, released=True, response_id=response_id)
+        else:
+            self._start_reply(None, released=True, response_id=response_id, agent_prefix=True)
+
+    def _await_reply(self, turn_id: str) -> None:
+        self._awaiting_reply = True
+        self._last_user_turn_id = turn_id
+
+    def _fill_unanswered_turn(self) -> int | None:
+        """Before a new user turn: close the previous one's missing reply as an empty agent turn."""
+        if not self._awaiting_reply:
+            return None
+        self._awaiting_reply = False
+        pos = self.history.length
+        self.history.open_turn("agent")
+        self.history.append(self.fmt.agent_close(False))
+        self.history.close_turn()
+        return pos
 
     def commit(self) -> None:
         """End the user's turn now (client-controlled turns, or a manual override of the VAD)."""
@@ -193,11 +246,84 @@ class Conversation:
         """Cancel the reply: cut its history to what was heard."""
         if self.response is not None:
             self._cut_response(status="cancelled")
+            self._promote_barge_in()
+
+    def _promote_barge_in(self) -> None:
+        """The client stopped the reply while the user's sound over it was still being judged (too short
+        to interrupt on its own yet): that sound is the user's next turn, from where it started."""
+        start = self._candidate_start_frame
+        if not self.detector.in_barge_in or start is None or self.turn is not None:
+            return
+        self.detector.end_barge_in()
+        self._candidate_start_frame = None
+        self._open_audio_turn(start, start * FRAME_MS)
 
     def playback_ack(self, ms: int, response_id: str | None) -> None:
         resp = self.response
         if resp is not None and (response_id is None or response_id == resp.id):
             resp.clock.ack(ms)
+
+    def truncate_reply(self, response_id: str, audio_ms: int) -> None:
+        """The listener heard exactly ``audio_ms`` of reply ``response_id``: cut its turn to that.
+
+        Works on the reply in progress (it stops, as on a barge-in) and on the latest finished one,
+        even after the next user turn has begun (the history after it is shifted and the LM cache
+        re-prefilled from the cut). History keeps whole 120 ms positions: ``audio_ms // 120`` of
+        them. A reply can only get shorter; the greeting (part of the prompt head) is only stopped.
+        Ends with ``HistoryTruncated(response_id, kept_ms)``.
+        """
+        keep_chunks = max(0, int(audio_ms)) // CHUNK_MS
+        resp = self.response
+        if resp is not None and resp.id == response_id and resp.released:
+            if resp.greeting:
+                self._cut_response(status="cancelled")
+                self.emit(ev.HistoryTruncated(resp.id, min(int(audio_ms), resp.generated_ms)))
+                return
+            if resp.generating or keep_chunks < len(resp.audio_positions):
+                resp.clock.set_played(keep_chunks * CHUNK_MS)
+                self._cut_response(status="cancelled", announce_truncation=False)
+                self._promote_barge_in()
+                kept = resp.kept_chunks or 0
+            else:
+                resp.clock.set_played(resp.clock.emitted_ms)  # all of it was heard
+                kept = len(resp.audio_positions)
+            self.emit(ev.HistoryTruncated(resp.id, kept * CHUNK_MS))
+            return
+        rec = self._last_reply
+        if rec is None or rec.id != response_id:
+            raise ValueError(f"cannot truncate {response_id}: only the latest reply can be truncated")
+        if rec.span is None or not any(t is rec.span for t in self.history.turns):
+            raise ValueError(f"cannot truncate {response_id}: it left the history (context limit)")
+        kept = len(rec.audio_positions) if rec.kept_chunks is None else rec.kept_chunks
+        if keep_chunks < kept:
+            self._recut(rec, keep_chunks)
+        self.emit(ev.HistoryTruncated(rec.id, min(keep_chunks, kept) * CHUNK_MS))
+
+    def _recut(self, rec: Response, keep_chunks: int) -> None:
+        """Re-cut a finished reply's turn to its first ``keep_chunks`` chunks, shifting what follows."""
+        span = rec.span
+        assert span is not None and span.end is not None
+        old_end = span.end
+        keep = rec.audio_positions[keep_chunks - 1] + 1 if keep_chunks else rec.start_pos + rec.head_len
+        ids = self.history.text_ids(rec.start_pos, keep).tolist()
+        closing = self.fmt.agent_close(ids.count(self.fmt.sosp) > ids.count(self.fmt.eosp))
+        delta = self.history.replace(keep, old_end, closing)
+        if keep < self.cache_len:
+            self._lm_rollback(keep)
+            self.cache_len = keep
+        if self.cache_len < self.history.length:
+            self.pending_ok = False
+        rec.kept_chunks = keep_chunks
+        turn = self.turn
+        if turn is not None:
+            for name in ("open_pos", "groups_pos", "spec_pos", "filler_pos"):
+                value = getattr(turn, name)
+                if value is not None and value >= old_end:
+                    setattr(turn, name, value + delta)
+        resp = self.response
+        if resp is not None and not resp.greeting and resp.start_pos >= old_end:
+            resp.start_pos += delta
+            resp.audio_positions = [p + delta for p in resp.audio_positions]
 
     def update_options(self, new: SessionOptions, greeting: object | None) -> list[str]:
         """Apply changed options mid-call; returns the names of fields that could not change.
@@ -223,6 +349,8 @@ class Conversation:
             else:
                 refused += [f for f in ("instructions", "greeting") if getattr(new, f) != getattr(old, f)]
                 new = new.model_copy(update={"instructions": old.instructions, "greeting": old.greeting})
+        if not new.auto_reply and self.turn is not None and self.turn.spec_pos is not None:
+            self._on_resume(0)  # no reply may start on its own any more
         if new.turn_detection != old.turn_detection:
             self.detector.opts = new.turn_detection
             self.vad_enabled = new.turn_detection.enabled
@@ -232,13 +360,22 @@ class Conversation:
         return refused
 
     # ------------------------------------------------------------------ codec encode
+    def input_pending(self) -> bool:
+        """Pushed audio not yet encoded (whole frames) or, with VAD on, not yet judged by it."""
+        if self._pcm24.size >= FRAME:
+            return True
+        return self.vad_enabled and self._pcm16.size >= WINDOW and self._vad_window_encoded()
+
+    def _vad_window_encoded(self) -> bool:
+        return (self.vad_windows + 1) * WINDOW * 1000 // 16000 <= self.frames_encoded * FRAME_MS
+
     def next_encode_input(self) -> np.ndarray | None:
         return self._pcm24.take(FRAME)
 
     def add_frame(self, tokens: np.ndarray) -> None:
         self.frames.append(tokens)
         self.frames_encoded += 1
-        if not self.vad_enabled and self.turn is None and self.response is None:
+        if not self.vad_enabled and self.turn is None and self.response is None and not self._awaiting_reply:
             self._open_audio_turn(self._last_turn_end_frame, self._last_turn_end_frame * FRAME_MS)
         self._sync_user_groups()
         self._enforce_turn_cap()
@@ -247,7 +384,7 @@ class Conversation:
     # ------------------------------------------------------------------ VAD
     def next_vad_window(self) -> np.ndarray | None:
         # never judge audio the codec has not encoded yet: turn decisions cut the codec frames
-        if (self.vad_windows + 1) * WINDOW * 1000 // 16000 > self.frames_encoded * FRAME_MS:
+        if not self._vad_window_encoded():
             return None
         return self._pcm16.take(WINDOW)
 
@@ -305,9 +442,11 @@ class Conversation:
         turn = self.turn
         if turn is None or turn.committed or turn.kind != "audio" or self.response is not None:
             return
+        if not self.opts.auto_reply:
+            return
         end_frame = self._speech_end_frame(t_ms)
         turn.spec_pos = self._close_audio_turn(turn, end_frame)
-        self._start_reply(turn, released=False)
+        self._start_reply(turn.id, released=False)
         self.response.speculative = True  # type: ignore[union-attr]
         self.stats["speculations"] += 1
 
@@ -338,7 +477,9 @@ class Conversation:
         if self.response is not None:
             return  # opened once the reply is over (see _finish_response)
         self._maybe_trim_history()
+        filler = self._fill_unanswered_turn()
         turn = UserTurn(_new_id("turn"), "audio", start_frame, self.history.length, 0, start_ms)
+        turn.filler_pos = filler
         self.history.open_turn("user")
         self.history.append(self.fmt.user_audio_open())
         turn.groups_pos = self.history.length
@@ -392,17 +533,27 @@ class Conversation:
         if resp is not None and not resp.released and resp.turn_id == turn.id:
             self.stats["speculative_hits"] += 1
             self._release(resp, endpoint_ms=endpoint_ms)
+        elif self.opts.auto_reply:
+            self._start_reply(turn.id, released=True, endpoint_ms=endpoint_ms)
         else:
-            self._start_reply(turn, released=True, endpoint_ms=endpoint_ms)
+            self._await_reply(turn.id)
 
     def _discard_turn(self) -> None:
         turn = self.turn
         assert turn is not None
         if self.response is not None and not self.response.released:
             self.response = None
-        self._truncate(turn.open_pos)
-        self.turn = None
+        self._drop_open_turn()
         self.emit(ev.TurnDiscarded(turn.id))
+
+    def _drop_open_turn(self) -> None:
+        """Take the open user turn out of the history (with the empty reply inserted before it)."""
+        turn = self.turn
+        assert turn is not None
+        self._truncate(turn.open_pos if turn.filler_pos is None else turn.filler_pos)
+        if turn.filler_pos is not None:
+            self._awaiting_reply = True
+        self.turn = None
 
     def _enforce_turn_cap(self) -> None:
         turn = self.turn
@@ -415,24 +566,41 @@ class Conversation:
             self._commit_turn(self.frames_encoded, "max_turn")
 
     # ------------------------------------------------------------------ replies
-    def _new_response(self, turn_id: str | None, greeting: bool = False) -> Response:
+    def _new_response(
+        self, turn_id: str | None, greeting: bool = False, response_id: str | None = None
+    ) -> Response:
         clock = PlaybackClock(self.opts.flow_control, self._now)
         return Response(
-            _new_id("greet" if greeting else "resp"),
+            response_id or _new_id("greet" if greeting else "resp"),
             turn_id,
             clock,
             greeting=greeting,
             max_positions=self._max_response_positions,
         )
 
-    def _start_reply(self, turn: UserTurn, released: bool, endpoint_ms: float | None = None) -> None:
+    def _start_reply(
+        self,
+        turn_id: str | None,
+        released: bool,
+        endpoint_ms: float | None = None,
+        *,
+        response_id: str | None = None,
+        agent_prefix: bool = False,
+    ) -> None:
+        """Open the agent's turn. ``agent_prefix``: the history does not end with a user turn (whose
+        suffix already opens the agent's turn), so the reply needs its own ``[|SpeechGPT|]: ``."""
         if self.response is not None:
             self._stop_agent_for_new_turn(status="cancelled")
-        resp = self._new_response(turn.id)
+        self._awaiting_reply = False
+        resp = self._new_response(turn_id, response_id=response_id)
         self.history.open_turn("agent")
+        resp.span = self.history.turns[-1]
+        if agent_prefix:
+            self.history.append(self.fmt.agent_open())
         resp.start_pos = self.history.length
         if self.opts.force_speech_reply:
             self.history.append(self.fmt.reply_open())
+            resp.head_len = 1
         resp.prefill_started = self._now()
         self.response = resp
         self.decoder_needs_reset = True
@@ -444,7 +612,7 @@ class Conversation:
         resp.commit_time = self._now()
         resp.commit_step = self.steps_done
         resp.endpoint_ms = endpoint_ms
-        self.emit(ev.ResponseStarted(resp.id, resp.turn_id))
+        self.emit(ev.ResponseStarted(resp.id, resp.turn_id, context_positions=resp.start_pos))
         while resp.held:
             event = resp.held.popleft()
             if isinstance(event, ev.AudioChunk):
@@ -578,11 +746,12 @@ class Conversation:
                 resp.clock.played_ms(),
                 resp.text_emitted,
                 realtime_factor=resp.realtime_factor(),
+                generated_positions=resp.generated_positions,
             )
         )
 
     # ------------------------------------------------------------------ barge-in and cuts
-    def _cut_response(self, status: str) -> None:
+    def _cut_response(self, status: str, announce_truncation: bool = True) -> None:
         """Stop the reply and keep in history exactly the chunks that were played."""
         resp = self.response
         assert resp is not None
@@ -597,9 +766,7 @@ class Conversation:
                 self.emit(ev.ResponseDone(resp.id, status, resp.generated_ms, played_ms, ""))  # type: ignore[arg-type]
             return
         keep = (
-            resp.audio_positions[played_chunks - 1] + 1
-            if played_chunks
-            else resp.start_pos + (1 if self.opts.force_speech_reply else 0)
+            resp.audio_positions[played_chunks - 1] + 1 if played_chunks else resp.start_pos + resp.head_len
         )
         keep = min(keep, self.history.length)
         self._truncate(keep)
@@ -611,11 +778,35 @@ class Conversation:
         self.history.close_turn()
         text = self.fmt.decode_text(kept_ids)
         if resp.done_sent:
-            self.emit(ev.HistoryTruncated(resp.id, played_chunks * CHUNK_MS))
+            if announce_truncation:
+                self.emit(ev.HistoryTruncated(resp.id, played_chunks * CHUNK_MS))
         elif resp.released:
             resp.done_sent = True
-            self.emit(ev.ResponseDone(resp.id, status, resp.generated_ms, played_chunks * CHUNK_MS, text))  # type: ignore[arg-type]
+            self.emit(
+                ev.ResponseDone(
+                    resp.id,
+                    status,  # type: ignore[arg-type]
+                    resp.generated_ms,
+                    played_chunks * CHUNK_MS,
+                    text,
+                    generated_positions=resp.generated_positions,
+                )
+            )
+        resp.generating = False
+        resp.kept_chunks = played_chunks
+        if resp.released:
+            self._last_reply = resp
         self.decoder_needs_reset = True
+
+    def _end_reply(self) -> None:
+        """The current reply (fully generated) is over: the agent's turn ends as it stands."""
+        resp = self.response
+        assert resp is not None
+        self.response = None
+        self.detector.agent_speaking = False
+        self.decoder_needs_reset = True
+        if not resp.greeting:
+            self._last_reply = resp
 
     def _stop_agent_for_new_turn(self, status: str) -> None:
         if self.response is not None:
@@ -627,9 +818,7 @@ class Conversation:
         if resp is None or not resp.released or resp.generating or resp.clock.paused:
             return
         if resp.fully_played() and resp.done_sent:
-            self.response = None
-            self.detector.agent_speaking = False
-            self.decoder_needs_reset = True
+            self._end_reply()
             self._maybe_trim_history()
             if not self.vad_enabled and self.frames_encoded > self._last_turn_end_frame:
                 self._open_audio_turn(self._last_turn_end_frame, self._last_turn_end_frame * FRAME_MS)

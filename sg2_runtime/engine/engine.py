@@ -22,8 +22,9 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,9 @@ log = logging.getLogger("sg2.engine")
 
 MAX_ENCODE_ROUNDS = 8  # frames (40 ms each) encoded per session per tick at most
 MAX_DECODE_ROUNDS = 2
+# commands that act at a point of the caller's audio timeline: they wait until every frame pushed
+# before them is encoded and judged by the VAD (later commands of that session queue behind them)
+TIMELINE_COMMANDS = frozenset({"text", "commit", "clear", "respond"})
 
 
 class CapacityError(RuntimeError):
@@ -62,6 +66,7 @@ class _Live:
     slot: int
     conv: Conversation | None = None
     lm_session: Any = None
+    deferred: deque[tuple[str, Any]] = field(default_factory=deque)  # commands waiting on the encoder
 
 
 class Engine:
@@ -113,6 +118,11 @@ class Engine:
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.to_thread(self.shutdown)
+
+    @property
+    def running(self) -> bool:
+        """The scheduler thread is alive (health checks)."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def live_sessions(self) -> int:
@@ -202,15 +212,32 @@ class Engine:
             elif kind == "close":
                 self._close(sid, payload or "closed by client")
             elif live.conv is not None:
-                self._guard(sid, lambda conv, k=kind, p=payload: self._apply(conv, k, p), client=True)
+                if live.deferred or (kind in TIMELINE_COMMANDS and live.conv.input_pending()):
+                    live.deferred.append((kind, payload))
+                else:
+                    self._apply_client(sid, kind, payload)
         self.metrics.queue_depth.set(depth)
+
+    def _apply_client(self, sid: str, kind: str, payload: Any) -> None:
+        ref = payload if kind == "respond" else payload[0] if kind == "truncate" else None
+        self._guard(sid, lambda conv: self._apply(conv, kind, payload), client=True, ref=ref)
+
+    def _run_deferred(self, lives: list[tuple[str, _Live]]) -> None:
+        """Apply queued commands whose audio has been fully processed, in order."""
+        for sid, live in lives:
+            while live.deferred and sid in self._live and live.conv is not None:
+                kind, payload = live.deferred[0]
+                if kind in TIMELINE_COMMANDS and live.conv.input_pending():
+                    break
+                live.deferred.popleft()
+                self._apply_client(sid, kind, payload)
 
     @staticmethod
     def _apply(conv: Conversation, kind: str, payload: Any) -> None:
         if kind == "audio":
             conv.push_audio(payload)
         elif kind == "text":
-            conv.push_text(payload)
+            conv.push_text(*payload)
         elif kind == "commit":
             conv.commit()
         elif kind == "clear":
@@ -219,6 +246,10 @@ class Engine:
             conv.interrupt()
         elif kind == "ack":
             conv.playback_ack(*payload)
+        elif kind == "respond":
+            conv.create_response(payload)
+        elif kind == "truncate":
+            conv.truncate_reply(*payload)
 
     def _run_call(self, live: _Live | None, payload: Any) -> None:
         fn, loop, fut = payload
@@ -255,7 +286,7 @@ class Engine:
                 capacity=self.config.max_positions,
                 greeting=greeting[0],
                 greeting_frames=greeting[1],
-                emit=lambda event, h=live.handle: self._emit(h, event),
+                emit=lambda event, handle=live.handle: self._observe(event, handle),
                 lm_rollback=lambda pos, s=live: self.models.lm.rollback(s.lm_session, pos),
                 high_water=self.config.context_high_water,
             )
@@ -264,24 +295,23 @@ class Engine:
             log.exception("opening session %s failed", sid)
             self._fail(sid, exc)
 
+    def _observe(self, event: ev.Event, handle: Session) -> None:
+        """Every conversation event passes here on its way out: the reply metrics are taken from it."""
+        if isinstance(event, ev.Metrics):
+            self.metrics.commit_to_first_audio.observe(event.commit_to_first_audio_ms / 1000)
+            self.metrics.first_step.observe(event.first_step_ms / 1000)
+            if event.endpointing_ms is not None:
+                self.metrics.endpointing.observe(max(0.0, event.endpointing_ms) / 1000)
+        elif isinstance(event, ev.ResponseDone):
+            self.metrics.replies.labels(event.status).inc()
+        handle._deliver(event)
+
     def _update(self, sid: str, conv: Conversation, new: SessionOptions, greeting: Any) -> list[str]:
         """Engine-thread half of ``Session.update``."""
         refused = conv.update_options(new, greeting[0])
         live = self._live[sid]
         live.lm_session.sampling = _sampling_params(new)
         return refused
-
-    def _emit(self, handle: Session, event: ev.Event) -> None:
-        """Deliver an event to its session, feeding the engine's metrics on the way."""
-        m = self.metrics
-        if isinstance(event, ev.Metrics):
-            m.commit_to_first_audio.observe(event.commit_to_first_audio_ms / 1000)
-            m.first_step.observe(event.first_step_ms / 1000)
-            if event.endpointing_ms is not None:
-                m.endpointing.observe(event.endpointing_ms / 1000)
-        elif isinstance(event, ev.ResponseDone):
-            m.replies.labels(status=event.status).inc()
-        handle._deliver(event)
 
     # ------------------------------------------------------------------ the tick
     def _tick(self) -> bool:
@@ -290,6 +320,7 @@ class Engine:
             return False
         worked = self._phase_encode(lives)
         worked |= self._phase_vad(lives)
+        self._run_deferred(lives)
         worked |= self._phase_prefill(lives)
         worked |= self._phase_step(lives)
         worked |= self._phase_decode(lives)
@@ -426,7 +457,9 @@ class Engine:
                 self._fail(sid, exc)
             return None if not ok_none else False
 
-    def _guard(self, sid: str, fn: Callable[[Conversation], Any], client: bool = False) -> Any:
+    def _guard(
+        self, sid: str, fn: Callable[[Conversation], Any], client: bool = False, ref: str | None = None
+    ) -> Any:
         """Run per-session logic; an exception ends this session only.
 
         With ``client=True`` (applying a client command) a ValueError is the client's mistake: it is
@@ -442,7 +475,7 @@ class Engine:
                 log.exception("session %s failed", sid)
                 self._fail(sid, exc)
                 return None
-            live.handle._deliver(ev.ErrorEvent("invalid_request", str(exc)))
+            live.handle._deliver(ev.ErrorEvent("invalid_request", str(exc), ref=ref))
         except Exception as exc:
             log.exception("session %s failed", sid)
             self._fail(sid, exc)
@@ -459,7 +492,13 @@ class Engine:
             resp = conv.response
             live.handle._deliver(
                 ev.ResponseDone(
-                    resp.id, "error", resp.generated_ms, resp.clock.played_ms(), resp.text_emitted, str(exc)
+                    resp.id,
+                    "error",
+                    resp.generated_ms,
+                    resp.clock.played_ms(),
+                    resp.text_emitted,
+                    str(exc),
+                    generated_positions=resp.generated_positions,
                 )
             )
         live.handle._deliver(ev.ErrorEvent(code, f"{type(exc).__name__}: {exc}", fatal=True))

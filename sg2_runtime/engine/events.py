@@ -54,9 +54,13 @@ class TurnDiscarded(Event):
 
 @dataclass(frozen=True)
 class ResponseStarted(Event):
+    """A reply is released to the listener. ``context_positions``: LM positions of history it answers
+    (0 for the greeting, which is part of the prompt head)."""
+
     response_id: str
     turn_id: str | None
     greeting: bool = False
+    context_positions: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,11 +111,13 @@ class ResponseDone(Event):
     realtime_factor: float | None = (
         None  # generation wall time / audio generated (< 1: faster than real time)
     )
+    generated_positions: int = 0  # LM positions generated (speech and text-only ones)
 
 
 @dataclass(frozen=True)
 class HistoryTruncated(Event):
-    """A reply already fully generated was cut to what was heard (barge-in during its tail)."""
+    """A reply's turn in history was cut to what was heard: a barge-in during the tail of a reply
+    already fully generated, or ``Session.truncate_reply`` (then always, after any ResponseDone)."""
 
     response_id: str
     played_ms: int
@@ -132,9 +138,13 @@ class Metrics(Event):
 
 @dataclass(frozen=True)
 class ErrorEvent(Event):
+    """``ref``: the id the caller gave the command that failed (``create_response``'s
+    ``response_id``, ``truncate_reply``'s ``response_id``), so transports can answer the request."""
+
     code: str
     message: str
     fatal: bool = False
+    ref: str | None = None
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,28 @@ class History:
         if self.turns and self.turns[-1].end is not None and self.turns[-1].end > length:
             self.turns[-1].end = None
 
+    def replace(self, start: int, end: int, matrix: torch.Tensor) -> int:
+        """Replace positions ``[start, end)`` with ``matrix``; what follows moves up or down, turn
+        spans with it (the span holding the range grows or shrinks). Returns the shift."""
+        if not 0 <= start <= end <= self.length:
+            raise ValueError(f"cannot replace [{start}, {end}) in a history of {self.length} positions")
+        if matrix.dim() != 2 or matrix.shape[0] != CHANNELS or matrix.shape[1] % GROUP:
+            raise ValueError(f"history matrix must be (4, 3*n), got {tuple(matrix.shape)}")
+        n = matrix.shape[1] // GROUP
+        delta = n - (end - start)
+        if self.length + delta > self.capacity:
+            raise OverflowError(f"history full: {self.length} + {delta} > {self.capacity} positions")
+        tail = self.matrix(end).clone()
+        self._buf[:, GROUP * start : GROUP * (start + n)] = matrix
+        self._buf[:, GROUP * (start + n) : GROUP * (start + n) + tail.shape[1]] = tail
+        self.length += delta
+        for turn in self.turns:
+            if turn.start >= end and turn.start > start:
+                turn.start += delta
+            if turn.end is not None and turn.end >= end:
+                turn.end += delta
+        return delta
+
     def matrix(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         end = self.length if end is None else end
         return self._buf[:, GROUP * start : GROUP * end]

@@ -66,14 +66,21 @@ def load_models(
     dtype: str = "auto",
     max_sessions: int = 8,
     max_positions: int = 4096,
+    progress: bool | None = None,
 ) -> EngineModels:
-    """The released checkpoints: codec ``.pkl`` + YAML, LM directory, greetings JSONL."""
+    """The released checkpoints: codec ``.pkl`` + YAML, LM directory, greetings JSONL.
+    ``progress``: show a bar while the LM weights load (None: only on a terminal)."""
     torch_dtype = _resolve_dtype(dtype, device)
     log.info("loading codec %s", codec_checkpoint)
     codec = load_codec(codec_checkpoint, codec_config, device=device, dtype=torch_dtype)
     log.info("loading speech-text LM %s", lm_dir)
     lm = load_lm(
-        lm_dir, device=device, dtype=torch_dtype, max_sessions=max_sessions, max_positions=max_positions
+        lm_dir,
+        device=device,
+        dtype=torch_dtype,
+        max_sessions=max_sessions,
+        max_positions=max_positions,
+        progress=progress,
     )
     greeting_list = load_greetings(greetings, vocab_size=lm.config.vocab_size) if greetings else []
     return _engine_models(codec, lm, greeting_list)

@@ -90,6 +90,13 @@ class SessionOptions(_Strict):
         ),
     )
     force_speech_reply: bool = Field(True, description="start every reply with <|sosp|> (speech answers)")
+    auto_reply: bool = Field(
+        True,
+        description=(
+            "answer every user turn as soon as it ends (VAD end of turn, commit, typed turn); False: the "
+            "turn only enters the history and the reply waits for Session.create_response()"
+        ),
+    )
 
     @field_validator("greeting")
     @classmethod

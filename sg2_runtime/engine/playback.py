@@ -31,6 +31,10 @@ class PlaybackClock:
     def ack(self, ms: int) -> None:
         self.acked_ms = max(self.acked_ms or 0, min(int(ms), self.emitted_ms))
 
+    def set_played(self, ms: int) -> None:
+        """Authoritative playback position (the listener says exactly this much was heard)."""
+        self.acked_ms = max(0, min(int(ms), self.emitted_ms))
+
     def pause(self) -> None:
         if self._paused_at is None:
             self._paused_at = self._now()

@@ -19,6 +19,9 @@ class Response:
     clock: PlaybackClock
     greeting: bool = False
     start_pos: int = 0  # history index of the reply's first position (its <|sosp|>)
+    head_len: int = 0  # positions opening the reply before generation (the forced <|sosp|>)
+    span: object | None = None  # its agent TurnSpan in the history (identity checked on re-cut)
+    kept_chunks: int | None = None  # audio chunks left in history after a cut (None: all)
     released: bool = False  # False while speculative: audio and text are held back
     generating: bool = True
     status: str | None = None  # final status once generation stopped

@@ -69,15 +69,32 @@ class Session:
             self.pushed_ms += audio.codec.size / 24.0
             self._engine._submit(self.id, "audio", audio)
 
-    def push_text(self, text: str) -> None:
-        """A typed user turn: the agent answers it (interrupting a reply in progress)."""
+    def push_text(self, text: str, respond: bool = True) -> None:
+        """A typed user turn (interrupting a reply in progress). ``respond=False``: it only enters the
+        history, and the reply waits for :meth:`create_response`."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("text turn must be a non-empty string")
-        self._submit("text", text)
+        self._submit("text", (text, bool(respond)))
 
     def commit(self) -> None:
-        """End the user's turn now."""
+        """End the user's turn now, at the end of the audio pushed so far."""
         self._submit("commit", None)
+
+    def create_response(self, response_id: str | None = None) -> None:
+        """Start a reply now: to the user turn waiting for one (``auto_reply`` off), or the agent
+        speaking first or again. ``response_id`` names it (else the engine picks one); a failure is an
+        ``ErrorEvent`` whose ``ref`` is that id."""
+        if response_id is not None and not (isinstance(response_id, str) and 0 < len(response_id) <= 64):
+            raise ValueError("response_id must be a string of 1..64 characters")
+        self._submit("respond", response_id)
+
+    def truncate_reply(self, response_id: str, audio_ms: int) -> None:
+        """The listener heard exactly ``audio_ms`` of this reply (the current or the latest finished
+        one): cut its turn in history to that; answered by ``HistoryTruncated`` (or an ``ErrorEvent``
+        whose ``ref`` is ``response_id``)."""
+        if audio_ms < 0:
+            raise ValueError("audio_ms must be >= 0")
+        self._submit("truncate", (response_id, int(audio_ms)))
 
     def clear(self) -> None:
         """Drop user audio not yet committed."""
@@ -96,13 +113,17 @@ class Session:
     async def update(self, options: SessionOptions | dict) -> list[str]:
         """Change options mid-call; returns the fields that could not be changed now (see
         ``Conversation.update_options``). Invalid options raise ValueError and change nothing."""
-        new = options if isinstance(options, SessionOptions) else self.options.model_copy(update=options)
-        new = SessionOptions.model_validate(new.model_dump())
-        greeting = self._engine.models.resolve_greeting(new)
-        refused = await self._engine.call(
-            self.id, lambda conv: self._engine._update(self.id, conv, new, greeting)
+        merged = (
+            options.model_dump()
+            if isinstance(options, SessionOptions)
+            else {**self.options.model_dump(), **options}
         )
-        self.options = new
+        new = SessionOptions.model_validate(merged)
+        greeting = self._engine.models.resolve_greeting(new)
+        refused, effective = await self._engine.call(
+            self.id, lambda conv: (self._engine._update(self.id, conv, new, greeting), conv.opts)
+        )
+        self.options = effective  # what is in force: refused fields keep their old values
         return refused
 
     def close(self) -> None:

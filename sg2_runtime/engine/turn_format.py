@@ -34,6 +34,8 @@ class TurnFormat(Protocol):
 
     def reply_open(self) -> torch.Tensor: ...
 
+    def agent_open(self) -> torch.Tensor: ...
+
     def agent_close(self, in_speech: bool) -> torch.Tensor: ...
 
     def decode_text(self, ids: list[int]) -> str: ...
@@ -43,7 +45,7 @@ class SG2TurnFormat:
     """:class:`TurnFormat` on top of the LM package's reference prompt builder."""
 
     def __init__(self, prompt: Any) -> None:
-        from sg2_runtime.lm.prompt import system_text
+        from sg2_runtime.lm.prompt import AGENT_PREFIX, system_text
 
         self.prompt = prompt
         special = prompt.special
@@ -52,6 +54,7 @@ class SG2TurnFormat:
         self._system_text = system_text()
         self._system_len = prompt.text_segment(self._system_text).shape[1]
         self._reply_open = prompt.text_segment([special.sosp])
+        self._agent_open = prompt.text_segment(AGENT_PREFIX)
         self._user_open = prompt.user_turn_prefix()
 
     def first_turn(self, greeting: Any | None, instructions: str | None) -> torch.Tensor:
@@ -83,6 +86,10 @@ class SG2TurnFormat:
 
     def reply_open(self) -> torch.Tensor:
         return self._reply_open
+
+    def agent_open(self) -> torch.Tensor:
+        """``[|SpeechGPT|]: `` for a reply that does not follow a user turn (whose suffix has it)."""
+        return self._agent_open
 
     def agent_close(self, in_speech: bool) -> torch.Tensor:
         return self.prompt.agent_turn_closing(in_speech)

@@ -60,6 +60,10 @@ class TurnDetector:
     def in_barge_in(self) -> bool:
         return self._barge_in_voiced_ms is not None
 
+    def end_barge_in(self) -> None:
+        """The reply was stopped from outside: speech in progress is an ordinary user turn now."""
+        self._barge_in_voiced_ms = None
+
     def silence_start_ms(self) -> int | None:
         """Start of the silence in progress inside a speech turn, or None while voiced."""
         return self._silence_start if self.speaking and self._silence_ms > 0 else None

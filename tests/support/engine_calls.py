@@ -81,3 +81,33 @@ def decode_frames(codec: Any, frames: torch.Tensor) -> np.ndarray:
 
 def ms_to_frame_ceil(ms: int) -> int:
     return -(-ms // 40)
+
+
+async def check_cache_matches_history(session: Any, engine: Any) -> None:
+    """On the engine thread: the session's KV cache equals a fresh prefill of the history it covers.
+
+    First waits (engine round trips, no sleeps) until the engine has prefilled what the last cut or
+    closing appended, so the cache has a pending position to compare."""
+    lm = engine.models.lm
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + EVENT_TIMEOUT
+    while not await session.inspect(lambda conv: conv.cache_len > 0 and conv.lm_session.has_pending):
+        assert loop.time() < deadline, "the LM cache never caught up with the history"
+
+    def check(conv: Any) -> tuple[float, bool, int, int]:
+        n = conv.cache_len
+        assert n > 0 and conv.lm_session.position == n
+        cached = conv.lm_session.history(0, n)
+        assert torch.equal(cached, conv.history.matrix(0, n))
+        fresh = lm.open_session()
+        try:
+            lm.prefill(fresh, conv.history.matrix(0, n))
+            a = lm.pending_hidden(conv.lm_session).float()
+            b = lm.pending_hidden(fresh).float()
+            return float((a - b).abs().max()), bool(conv.lm_session.has_pending), n, conv.history.length
+        finally:
+            lm.close_session(fresh)
+
+    diff, pending, cached, length = await session.inspect(check)
+    assert pending and cached <= length
+    assert diff < 1e-4
