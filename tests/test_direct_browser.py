@@ -30,6 +30,13 @@ new MutationObserver(() => window.__states.push(document.getElementById('state')
 """
 
 
+# Records the constraints the page asks getUserMedia for.
+RECORD_GUM = """
+const gum = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+navigator.mediaDevices.getUserMedia = (c) => { window.__gum = c; return gum(c); };
+"""
+
+
 @pytest.fixture(scope="module")
 def web_client() -> None:
     proc = subprocess.run(["make", "web-client"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
@@ -57,6 +64,7 @@ async def test_browser_call_shows_transcript_state_and_plays_agent_audio(
         assert await page.get_attribute("#state", "data-state") == "idle"
         assert await page.get_attribute("#call", "aria-label") == "Start a call"
         await page.evaluate(RECORD_STATES)
+        await page.evaluate(RECORD_GUM)
         await page.click("#call")
 
         # a user turn was heard and answered: the transcript has it, with its latency
@@ -92,6 +100,8 @@ async def test_browser_call_shows_transcript_state_and_plays_agent_audio(
         assert latency is not None and latency.strip().endswith(")") and " ms" in latency
         assert int(await page.get_attribute("#mic-meter", "data-peak")) > 20  # the fake mic's speech
         assert await page.get_attribute("#mute", "aria-pressed") == "false"
+        audio = (await page.evaluate("window.__gum"))["audio"]
+        assert audio["echoCancellation"] and audio["noiseSuppression"] and audio["autoGainControl"]
         await save_screenshot(page, "direct-browser-call")
 
         # mute, then hang up: the server ends the call and frees the engine session
