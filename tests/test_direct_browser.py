@@ -31,10 +31,10 @@ new MutationObserver(() => window.__states.push(document.getElementById('state')
 
 
 # Records the constraints the page asks getUserMedia for.
-RECORD_GUM = """
-const gum = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
-navigator.mediaDevices.getUserMedia = (c) => { window.__gum = c; return gum(c); };
-"""
+RECORD_GUM = """() => {
+    const gum = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+    navigator.mediaDevices.getUserMedia = (c) => { window.__gum = c; return gum(c); };
+}"""
 
 
 @pytest.fixture(scope="module")
