@@ -17,7 +17,9 @@ import aiohttp
 import pytest
 from aiortc import RTCPeerConnection
 
+from agent.direct import DirectSettings
 from agent.direct.client import DirectClient, SignallingFailed
+from agent.direct.service import DirectService
 from tests.support import REPO_ROOT
 from tests.support.direct import direct_server
 
@@ -250,3 +252,32 @@ async def test_closed_tab_and_server_shutdown_end_calls(tiny_models) -> None:
         metric = srv.service.metrics.registry.get_sample_value
         assert metric("sg2_direct_calls_ended_total", {"reason": "peer_closed"}) == 1
         assert metric("sg2_direct_calls_ended_total", {"reason": "shutdown"}) == 2
+
+
+async def test_ice_servers_reach_authorized_pages_only(tiny_models) -> None:
+    ice = [
+        {"urls": "stun:stun.invalid:3478"},
+        {"urls": ["turn:turn.invalid:3478?transport=udp"], "username": "u", "credential": "p"},
+    ]
+    async with (
+        direct_server(tiny_models, ice_servers=ice, access_key="k") as srv,
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.get(srv.url + "/v1/webrtc/config") as resp:
+            assert (await resp.json())["ice_servers"] == []  # no TURN credentials without the key
+        async with http.get(srv.url + "/v1/webrtc/config", headers={"Authorization": "Bearer k"}) as resp:
+            config = await resp.json()
+        assert config["authorized"] and config["ice_servers"] == [
+            {"urls": ["stun:stun.invalid:3478"]},
+            {"urls": ["turn:turn.invalid:3478?transport=udp"], "username": "u", "credential": "p"},
+        ]
+        service_ice = srv.service._ice_servers()
+        assert [s.urls for s in service_ice] == [
+            ["stun:stun.invalid:3478"],
+            ["turn:turn.invalid:3478?transport=udp"],
+        ]
+        assert service_ice[1].username == "u" and service_ice[1].credential == "p"
+    with pytest.raises(ValueError, match="must start with stun:, turn: or turns:"):
+        DirectSettings(ice_servers=[{"urls": "http://example.org"}])
+    # no ICE servers configured: an explicit empty list, so aiortc does not fall back to a public STUN server
+    assert DirectService(None, DirectSettings())._ice_servers() == []

@@ -117,7 +117,7 @@ class DirectService:
                 status=503,
                 text=(
                     "The web client is not built. Build it with `make web-client` "
-                    "(or `npm ci && npm run build` in web_client/).\n"
+                    "(or `npm ci && npm run build` in web_client/), then restart the server.\n"
                 ),
             )
         return web.FileResponse(index, headers={"Cache-Control": "no-cache"})
