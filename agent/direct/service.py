@@ -333,7 +333,8 @@ class DirectService:
             greeting = self.engine.models.resolve_greeting(options)[0]
             if greeting is None:
                 return None
-            return self.engine.models.fmt.decode_text(list(greeting.text_ids)).strip() or None
+            text = self.engine.models.fmt.decode_text(list(greeting.text_ids))
+            return text.rstrip("\ufffd").strip() or None  # a cut multi-byte character is dropped
         except Exception:  # cosmetic: never fail a call over it
             log.debug("greeting text unavailable", exc_info=True)
             return None

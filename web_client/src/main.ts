@@ -109,7 +109,7 @@ function part(li: HTMLLIElement, cls: "text" | "meta"): HTMLElement {
 
 function formatLatency(e: AgentEvent): string {
   const ms = (v: unknown) => `${Math.round(Number(v))} ms`;
-  return `${ms(e.total_ms)} (end of turn ${ms(e.endpointing_ms)} · model ${ms(e.engine_ms)} · transport ${ms(e.transport_ms)})`;
+  return `${ms(e.total_ms)} (end of turn ${ms(e.endpointing_ms)} · engine ${ms(e.engine_ms)} · transport ${ms(e.transport_ms)})`;
 }
 
 function onAgentEvent(e: AgentEvent): void {
