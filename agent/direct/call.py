@@ -60,12 +60,10 @@ class DirectCall(PlaybackListener):
         session: Session,
         settings: DirectSettings,
         on_closed: Callable[[DirectCall], None],
-        greeting_text: str | None = None,
         metrics: DirectMetrics | None = None,
     ) -> None:
         self.metrics = metrics or DirectMetrics()
         self.id = call_id
-        self.greeting_text = greeting_text
         self.pc = pc
         self.session = session
         self.settings = settings
@@ -340,9 +338,6 @@ class DirectCall(PlaybackListener):
                 played = self.track.drop(old)
                 self._reply_ended(old, "interrupted", played or 0, None)
             self.track.begin(e.response_id)
-            if e.greeting and self.greeting_text:
-                # the engine plays the greeting's audio without text events; its words are known
-                self.track.add_text(e.response_id, self.greeting_text)
             info = _ReplyInfo(e.response_id)
             if e.turn_id is not None:
                 info.speech_end_wall = self._turn_end_wall.pop(e.turn_id, None)

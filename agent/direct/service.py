@@ -289,7 +289,6 @@ class DirectService:
             session,
             self.settings,
             self._forget,
-            greeting_text=self._greeting_text(options),
             metrics=self.metrics,
         )
         try:
@@ -324,20 +323,6 @@ class DirectService:
         call.start()
         log.info("call %s started (session %s)", call.id, session.id)
         return call, answer
-
-    def _greeting_text(self, options: Any) -> str | None:
-        """The greeting's words (for the transcript), when the call plays one."""
-        if not options.play_greeting:
-            return None
-        try:
-            greeting = self.engine.models.resolve_greeting(options)[0]
-            if greeting is None:
-                return None
-            text = self.engine.models.fmt.decode_text(list(greeting.text_ids))
-            return text.rstrip("\ufffd").strip() or None  # a cut multi-byte character is dropped
-        except Exception:  # cosmetic: never fail a call over it
-            log.debug("greeting text unavailable", exc_info=True)
-            return None
 
     def _ice_servers(self) -> list[RTCIceServer]:
         # an explicit empty list: aiortc would otherwise query a public STUN server
