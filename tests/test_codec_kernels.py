@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from sg2_runtime.codec.kernels import Linear, depthwise_taps, im2col
+from sg2_runtime.codec.layers import CausalConv
 from sg2_runtime.codec.transformer import ROPE_TABLE_LENGTH, Transformer, attention
 from tests.codec_support import tiny_config
 
@@ -70,14 +71,18 @@ def test_linear_rows_do_not_depend_on_row_count(k, n):
     ("channels", "dilation", "steps"), [(768, 1, 20), (768, 5, 20), (384, 3, 80), (96, 5, 960)]
 )
 def test_grouped_conv_samples_do_not_depend_on_batch(channels, dilation, steps):
-    w = torch.randn(channels, channels // 3, 11, generator=_gen(channels)) * 0.05
-    b = torch.randn(channels, generator=_gen(3))
-    x = torch.randn(6, channels, steps + 10 * dilation, generator=_gen(4))
-    full = F.conv1d(x, w, b, dilation=dilation, groups=3)
-    for batch in (1, 2, 5):
-        assert torch.equal(F.conv1d(x[:batch], w, b, dilation=dilation, groups=3), full[:batch]), (
-            f"batch {batch}"
-        )
+    """The HiFi-GAN grouped convs (pre-packed kernel for short calls, conv1d for long ones)."""
+    conv = CausalConv("c", channels, channels, 11, dilation=dilation, groups=3)
+    conv.weight.copy_(torch.randn(channels, channels // 3, 11, generator=_gen(channels)) * 0.05)
+    conv.bias.copy_(torch.randn(channels, generator=_gen(3)))
+    conv.prepare()
+    for length in (steps, 4 * steps):
+        x = torch.randn(6, channels, length + 10 * dilation, generator=_gen(4))
+        full = conv._apply(x)
+        ref = F.conv1d(x, conv.weight, conv.bias, dilation=dilation, groups=3)
+        assert (full - ref).abs().max() < 1e-3
+        for batch in (1, 2, 5):
+            assert torch.equal(conv._apply(x[:batch]), full[:batch]), f"batch {batch}, {length} steps"
 
 
 def test_im2col_and_depthwise_match_torch_convs():
@@ -97,7 +102,8 @@ def test_im2col_and_depthwise_match_torch_convs():
     ("heads", "steps", "keys", "dim"), [(8, 4, 515, 64), (8, 1, 140, 128), (8, 16, 515, 64)]
 )
 def test_attention_rows_do_not_depend_on_batch(heads, steps, keys, dim):
-    q = torch.randn(5, heads, steps, dim, generator=_gen(9))
+    # q as the model makes it: a (B, T, H, D) projection viewed as (B, H, T, D).
+    q = torch.randn(5, steps, heads, dim, generator=_gen(9)).transpose(1, 2)
     k = torch.randn(5, heads, keys, dim, generator=_gen(10))
     v = torch.randn(5, heads, keys, dim, generator=_gen(11))
     allowed = torch.rand(5, 1, steps, keys, generator=_gen(12)) > 0.3

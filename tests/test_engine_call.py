@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from prometheus_client import generate_latest
 
 from sg2_runtime.engine import events as ev
 from sg2_runtime.engine.engine import Engine
@@ -88,7 +89,12 @@ async def test_scripted_call_one_turn_reply_and_reference_history(tiny_models, z
         events = await collect_until(session, reply_done())
         await _check_cache_matches_history(session, engine)
         history = await session.history()
+        exposed = generate_latest(engine.metrics.registry).decode()
 
+    # the reply's latency figures reached the Prometheus registry
+    assert 'sg2_replies_total{status="length"} 1.0' in exposed
+    assert "sg2_commit_to_first_audio_seconds_count 1.0" in exposed
+    assert "sg2_active_sessions 1.0" in exposed
     commits = of_type(events, ev.TurnCommitted)
     assert len(commits) == 1 and commits[0].reason == "vad"
     assert of_type(events, ev.SpeechStarted)[0].audio_start_ms == pytest.approx(1000 + 64 * 0, abs=250)
@@ -101,6 +107,7 @@ async def test_scripted_call_one_turn_reply_and_reference_history(tiny_models, z
     assert metrics.steps_after_commit <= 1  # first audio within one LM step of the commit
     done = events[-1]
     assert done.status == "length" and done.generated_ms == 960
+    assert done.realtime_factor is not None and done.realtime_factor > 0
 
     # the history is exactly the reference prompt format built from the same tokens
     fmt = tiny_models.lm.prompt

@@ -9,6 +9,8 @@ Public API::
     dec = codec.streaming_decoder(num_slots=S)  # dec.reset(slots); dec.step(tokens, slots=None)
 """
 
+import torch
+
 from .checkpoint import (
     CodecCheckpointError,
     build_random_codec_checkpoint,
@@ -24,15 +26,11 @@ from .streaming import StreamingDecoder, StreamingEncoder
 def build_random_codec(
     config: CodecConfig,
     seed: int = 0,
-    device: str = "cpu",
-    dtype: object = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> SG2Codec:
-    """A codec with random weights for `config` (same path as loading a released checkpoint)."""
-    import torch
-
-    return load_codec(
-        build_random_codec_checkpoint(config, seed), config, device=device, dtype=dtype or torch.float32
-    )
+    """A codec with random weights for `config`, built in memory (same path as a real checkpoint)."""
+    return load_codec(build_random_codec_checkpoint(config, seed), config, device=device, dtype=dtype)
 
 
 __all__ = [

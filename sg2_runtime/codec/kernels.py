@@ -36,12 +36,14 @@ def _onednn_packing_available() -> bool:
             torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
         )
     except (AttributeError, RuntimeError):  # pragma: no cover - depends on the torch build
         return False
 
 
-_ONEDNN = _onednn_packing_available()
+ONEDNN = _onednn_packing_available()
 
 
 class Linear(nn.Module):
@@ -63,7 +65,7 @@ class Linear(nn.Module):
         """Pack the weight for oneDNN once (CPU float32 only); other devices use it as is."""
         self._packed = None
         w = self.weight
-        if _ONEDNN and w.device.type == "cpu" and w.dtype == torch.float32:
+        if ONEDNN and w.device.type == "cpu" and w.dtype == torch.float32:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -21,9 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from .config import CodecConfig
+from .convnext import ConvNeXt
 from .hifigan import HiFiGAN
 from .kernels import Linear
-from .layers import CausalConv, CausalConvTranspose, ConvNeXt, ReleasedLayer
+from .layers import CausalConv, CausalConvTranspose, ReleasedLayer
 from .mel import MelFrontend
 from .quantizer import ResidualVQ
 from .state import StateSpec, StepContext
@@ -136,7 +137,7 @@ class CodecModel(nn.Module):
                     module._buffers[name] = buf.to(device=device)
         self.compute_dtype = dtype
         for module in self.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, Linear | CausalConv):
                 module.prepare()
         return self.eval()
 

@@ -3,7 +3,7 @@
 Numerics follow the moshi-style transformer the codec was trained with: pre-norm layers,
 `x + ls1 * out_proj(attn(norm1(x)))`, `x + ls2 * linear2(gelu(linear1(norm2(x))))`, fused
 bias-free QKV projection, RoPE on interleaved (even, odd) pairs with angles `t * freq` computed in
-float32, and a query at position p attending to keys p - context < q <= p.
+float32, and a query at position p attending to the keys at positions p - context < j <= p.
 
 Streaming keeps, per slot and layer, a ring buffer of `context + MAX_STEPS_PER_PASS - 1` keys and
 values. A call is processed in passes of at most MAX_STEPS_PER_PASS steps: the pass's keys are
@@ -55,8 +55,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
     """
     if q.device.type == "cuda":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-    scores = scores.float().masked_fill(~allowed, float("-inf"))
+    # Contiguous operands: the batched-matmul kernel (and so the rounding) must not depend on
+    # how the caller's views happen to be strided, which can vary with the batch size.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    # k @ q^T (then transposed) rather than q @ k^T: one long operand per item is ~2x faster on
+    # CPU when, as in streaming, a few queries meet a whole KV window.
+    scores = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2).contiguous()
+    scores = (scores * (1.0 / math.sqrt(q.shape[-1]))).float().masked_fill_(~allowed, float("-inf"))
     return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
 
 
@@ -138,6 +143,7 @@ class Transformer(ReleasedLayer):
         )
         freqs = rope_frequencies(cfg.head_dim, cfg.max_period)
         angles = torch.arange(ROPE_TABLE_LENGTH, dtype=torch.float32)[:, None] * freqs
+        self.register_buffer("ring_index", torch.arange(self.capacity), persistent=False)
         self.register_buffer("freqs", freqs, persistent=False)
         self.register_buffer("rope_cos", torch.cos(angles), persistent=False)
         self.register_buffer("rope_sin", torch.sin(angles), persistent=False)
@@ -209,7 +215,7 @@ class Transformer(ReleasedLayer):
         ring = positions % cap  # where each new key goes
         # Position held by each ring entry once this pass's keys are written (-1: never written).
         end = (start + t)[:, None]
-        slot_pos = end - 1 - torch.remainder(end - 1 - torch.arange(cap, device=device), cap)
+        slot_pos = end - 1 - torch.remainder(end - 1 - self.ring_index, cap)
         delta = positions[:, :, None] - slot_pos[:, None, :]
         allowed = ((slot_pos >= 0)[:, None, :] & (delta >= 0) & (delta < self.context)).unsqueeze(1)
         rows = ctx.rows[:, None]

@@ -118,12 +118,8 @@ class Conversation:
         self._non_finite_reported = False
         self._max_turn_frames = options.turn_detection.max_turn_ms // FRAME_MS
         self._max_response_positions = max(2, options.max_response_ms // CHUNK_MS)
-        headroom = self._max_turn_frames // GROUP + self._max_response_positions + 64
-        self._trim_above = max(int(capacity * high_water), 0)
-        self._trim_above = (
-            min(self._trim_above, capacity - headroom) if capacity > 2 * headroom else self._trim_above
-        )
-        self._trim_target = int(self._trim_above * 0.6)
+        self._capacity = capacity
+        self._high_water = high_water
         self._start(greeting, greeting_frames)
 
     # ------------------------------------------------------------------ setup
@@ -142,6 +138,11 @@ class Conversation:
                 resp.to_decode.append(greeting_frames[i : i + GROUP])
             self.response = resp
             self.emit(ev.ResponseStarted(resp.id, None, greeting=True))
+            # the greeting's words, for transcripts (a multi-byte character cut at the end is dropped)
+            words = self.fmt.decode_text(list(getattr(greeting, "text_ids", ()))).rstrip("\ufffd").strip()
+            if words:
+                resp.text_emitted = words
+                self.emit(ev.TextDelta(resp.id, words))
             self.detector.agent_speaking = True
 
     def emit(self, event: ev.Event) -> None:
@@ -168,11 +169,13 @@ class Conversation:
         if self.turn is not None and not self.turn.committed:
             self._discard_turn()
         self._fill_unanswered_turn()
+        matrix = self.fmt.user_text_turn(text)
+        self._maybe_trim_history(incoming=matrix.shape[1] // GROUP)
         turn = UserTurn(
             _new_id("turn"), "text", self.frames_encoded, self.history.length, self.history.length, 0
         )
         self.history.open_turn("user")
-        self.history.append(self.fmt.user_text_turn(text))
+        self.history.append(matrix)
         self.history.close_turn()
         turn.committed = True
         self.turn = None
@@ -278,7 +281,7 @@ class Conversation:
         resp = self.response
         if resp is not None and resp.id == response_id and resp.released:
             if resp.greeting:
-                self._cut_response(status="cancelled")
+                self._cut_response(status="cancelled", announce_truncation=False)
                 self.emit(ev.HistoryTruncated(resp.id, min(int(audio_ms), resp.generated_ms)))
                 return
             if resp.generating or keep_chunks < len(resp.audio_positions):
@@ -561,7 +564,8 @@ class Conversation:
         turn = self.turn
         if turn is None or turn.committed or turn.kind != "audio":
             return
-        if self.frames_encoded - turn.start_frame >= self._max_turn_frames:
+        room = self._capacity - self.history.length - self._max_response_positions - 16
+        if self.frames_encoded - turn.start_frame >= self._max_turn_frames or room <= GROUP:
             if turn.spec_pos is not None:
                 self._on_resume(0)
             self._commit_turn(self.frames_encoded, "max_turn")
@@ -640,8 +644,11 @@ class Conversation:
         resp = self.response
         assert resp is not None
         self.steps_done += 1
+        now = self._now()
+        resp.last_step_at = now
         if resp.first_step_ms is None:
             resp.first_step_ms = step_ms
+            resp.first_step_at = now
             if resp.prefill_started is not None:
                 resp.prefill_ms = max(0.0, (self._now() - resp.prefill_started) * 1000 - step_ms)
         pos = self.history.length
@@ -743,6 +750,7 @@ class Conversation:
                 resp.generated_ms,
                 resp.clock.played_ms(),
                 resp.text_emitted,
+                realtime_factor=resp.realtime_factor(),
                 generated_positions=resp.generated_positions,
             )
         )
@@ -756,11 +764,13 @@ class Conversation:
         played_chunks = min(played_ms // CHUNK_MS, len(resp.audio_positions))
         self.response = None
         self.detector.agent_speaking = False
-        if resp.greeting:
+        if resp.greeting:  # its audio stops; the prompt keeps the whole greeting (the voice prompt)
             resp.generating = False
             if not resp.done_sent:
                 resp.done_sent = True
-                self.emit(ev.ResponseDone(resp.id, status, resp.generated_ms, played_ms, ""))  # type: ignore[arg-type]
+                self.emit(ev.ResponseDone(resp.id, status, resp.generated_ms, played_ms, resp.text_emitted))  # type: ignore[arg-type]
+            elif announce_truncation:
+                self.emit(ev.HistoryTruncated(resp.id, played_ms))  # fully sent already: drop what is queued
             return
         keep = (
             resp.audio_positions[played_chunks - 1] + 1 if played_chunks else resp.start_pos + resp.head_len
@@ -830,10 +840,20 @@ class Conversation:
         if self.cache_len < self.history.length:
             self.pending_ok = False
 
-    def _maybe_trim_history(self) -> None:
-        if self.history.length <= self._trim_above:
+    def _reserve(self) -> int:
+        """Positions one more exchange may need: a whole user turn and a whole reply, plus markers."""
+        return min(self._max_turn_frames // GROUP + self._max_response_positions + 32, self._capacity // 2)
+
+    def _maybe_trim_history(self, incoming: int = 0) -> None:
+        """Drop the oldest whole turns (system text and greeting stay) when the next exchange might
+        not fit, or when the history passed the high-water mark. The cache is rolled back to the
+        first changed position and the scheduler re-prefills the rest, so the call has no gap."""
+        reserve = self._reserve()
+        high = int(self._capacity * self._high_water)
+        if self.history.length + incoming + reserve <= self._capacity and self.history.length <= high:
             return
-        changed = self.history.drop_oldest_turns("system", self._trim_target)
+        target = int(min(high, self._capacity - reserve - incoming) * 0.75)
+        changed = self.history.drop_oldest_turns("system", max(target, 0))
         if changed is not None:
             self.stats["trims"] += 1
         if changed is not None and changed < self.cache_len:

@@ -108,6 +108,9 @@ class ResponseDone(Event):
     played_ms: int
     text: str
     error: str | None = None
+    realtime_factor: float | None = (
+        None  # generation wall time / audio generated (< 1: faster than real time)
+    )
     generated_positions: int = 0  # LM positions generated (speech and text-only ones)
 
 

@@ -61,7 +61,7 @@ class Sampling(_Strict):
 
     temperature: float = Field(0.8, ge=0.0, le=2.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    top_k: int = Field(50, ge=0, description="0 disables top-k (50 is what the reference generate() applies)")
     greedy: bool = False
     seed: int | None = Field(None, ge=0, description="per-session seed; None draws one at random")
 

@@ -45,6 +45,8 @@ class Response:
     prefill_started: float | None = None
     prefill_ms: float = 0.0
     first_step_ms: float | None = None
+    first_step_at: float | None = None
+    last_step_at: float | None = None
     speculative: bool = False
     metrics_sent: bool = False
     greeting_frames: torch.Tensor | None = None  # (F, 3) for the greeting
@@ -52,6 +54,12 @@ class Response:
     @property
     def generated_ms(self) -> int:
         return len(self.audio_positions) * CHUNK_MS
+
+    def realtime_factor(self) -> float | None:
+        """Wall time spent generating per second of audio generated (excludes waiting on playback)."""
+        if self.first_step_at is None or self.last_step_at is None or len(self.audio_positions) < 2:
+            return None
+        return (self.last_step_at - self.first_step_at) * 1000 / ((len(self.audio_positions) - 1) * CHUNK_MS)
 
     def within_margin(self, margin_ms: int) -> bool:
         played = self.clock.played_ms() if self.released else 0

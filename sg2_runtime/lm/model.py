@@ -18,6 +18,26 @@ from torch import nn
 
 from .config import LMConfig
 
+# On CPU, MKL's GEMM for x @ W.T with a few rows of x and a large W (F.linear) is several times
+# slower than computing (W @ x.T).T, which streams W once; a single row keeps F.linear's GEMV path.
+SMALL_BATCH_ROWS = 64
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with a faster formulation for 2..64 rows on CPU (same result up to rounding)."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or not 2 <= rows <= SMALL_BATCH_ROWS:
+        return F.linear(x, weight, bias)
+    out = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t()
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def apply_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, module.weight, module.bias)
+
+
 # attend(layer_index, q (B,T,H,D), k (B,T,Hkv,D), v (B,T,Hkv,D)) -> (B,T,H*D); q and k carry RoPE.
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -57,7 +77,8 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = F.silu(apply_linear(self.gate_proj, x))
+        return apply_linear(self.down_proj, gate * apply_linear(self.up_proj, x))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -92,12 +113,12 @@ class DecoderLayer(nn.Module):
         b, t, _ = x.shape
         a = self.self_attn
         h = self.input_layernorm(x)
-        q = a.q_proj(h).view(b, t, a.heads, a.head_dim)
-        k = a.k_proj(h).view(b, t, a.kv_heads, a.head_dim)
-        v = a.v_proj(h).view(b, t, a.kv_heads, a.head_dim)
+        q = apply_linear(a.q_proj, h).view(b, t, a.heads, a.head_dim)
+        k = apply_linear(a.k_proj, h).view(b, t, a.kv_heads, a.head_dim)
+        v = apply_linear(a.v_proj, h).view(b, t, a.kv_heads, a.head_dim)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        x = x + a.o_proj(attend(index, q, k, v))
+        x = x + apply_linear(a.o_proj, attend(index, q, k, v))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -175,8 +196,16 @@ class SG2Model(nn.Module):
         """Input embeddings of positions: text (B,T), speech (B,T,group,n_vq) -> (B,T,hidden)."""
         b, t = text.shape
         grouped = self.speech_sum(speech).reshape(b, t, self.config.group_size * self.config.local_dim)
-        return self.model.embed_tokens(text) + self.speech_group_downcast(grouped)
+        return self.model.embed_tokens(text) + apply_linear(self.speech_group_downcast, grouped)
 
     def speech_logits(self, local_hidden: torch.Tensor) -> torch.Tensor:
         """Patch-decoder output (B, local_dim) -> logits (B, n_vq, speech_vocab) through the tied heads."""
-        return torch.stack([head(local_hidden) for head in self.local_transformer_lm_heads], dim=1)
+        return torch.stack(
+            [apply_linear(head, local_hidden) for head in self.local_transformer_lm_heads], dim=1
+        )
+
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return apply_linear(self.lm_head, hidden)
+
+    def downcast(self, hidden: torch.Tensor) -> torch.Tensor:
+        return apply_linear(self.hidden_states_downcast, hidden)

@@ -99,6 +99,7 @@ class LMSession:
     @property
     def in_speech(self) -> bool:
         """Speech mode: more ``<|sosp|>`` than ``<|eosp|>`` so far."""
+        self._lm._check_open(self)
         return self._lm._balance_before(self.slot, self._position) != 0
 
     @property
@@ -130,7 +131,10 @@ class LMSession:
         return self._lm._history_matrix(self, start, self._position if end is None else end)
 
     def text_ids(self, start: int = 0, end: int | None = None) -> list[int]:
+        self._lm._check_open(self)
         end = self._position if end is None else end
+        if not 0 <= start <= end <= self._position:
+            raise ValueError(f"range [{start}, {end}) outside [0, {self._position})")
         return self._lm._text[self.slot, start:end].tolist()
 
     def __repr__(self) -> str:
@@ -210,7 +214,7 @@ class SG2LM:
             raise ValueError("need max_sessions >= 1 and max_positions >= 2")
         self.max_sessions = max_sessions
         self.max_positions = max_positions
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = max(1, min(prefill_chunk, max_positions))
         self.text_candidates = text_candidates
         for name, tid in special.as_dict().items():
             if tid is not None and not 0 <= tid < cfg.vocab_size:
@@ -327,6 +331,7 @@ class SG2LM:
         return 0 if position == 0 else int(self._balance[slot, position - 1])
 
     def _history_matrix(self, sess: LMSession, start: int, end: int) -> torch.Tensor:
+        self._check_open(sess)
         if not 0 <= start <= end <= sess._position:
             raise ValueError(f"history range [{start}, {end}) outside [0, {sess._position})")
         g, q = self.group_size, self.n_vq
@@ -588,7 +593,7 @@ class SG2LM:
             self._pending_h[slot_t] = hidden[torch.arange(b, device=dev), last]
             for r, ((i, _, _, _), n) in enumerate(zip(rows, lens, strict=True)):
                 if return_logits:
-                    logits_out[i].append(self.model.lm_head(hidden[r, :n]).float().cpu())
+                    logits_out[i].append(self.model.text_logits(hidden[r, :n]).float().cpu())
                 offset[i] += n
         for sess, text, speech in parsed:
             n = text.shape[0]
@@ -660,7 +665,7 @@ class SG2LM:
         rp = self._row_params(sessions)
         h = self._pending_h.index_select(0, slots)
         with prof.section("text_head"):
-            text_logits = self.model.lm_head(h).float()
+            text_logits = self.model.text_logits(h).float()
         with prof.section("sampling"):
             u = counter_uniforms(seeds, positions, 1 + cfg.group_size * cfg.n_vq)
             text = sample_rows(text_logits, rp, u[:, 0], candidates=self.text_candidates)
@@ -674,7 +679,7 @@ class SG2LM:
         if rows:
             idx = torch.tensor(rows, device=dev)
             with prof.section("patch_decoder"):
-                hl = self.model.hidden_states_downcast(h.index_select(0, idx))
+                hl = self.model.downcast(h.index_select(0, idx))
             frames, logits = self._sample_speech(
                 hl, rp.select(idx), u.index_select(0, idx)[:, 1:], static=False
             )
@@ -779,10 +784,10 @@ class SG2LM:
         positions = inp["positions"]
         u = counter_uniforms(inp["seeds"], positions, 1 + cfg.group_size * cfg.n_vq)
         h = self._pending_h[:n]
-        text_logits = self.model.lm_head(h).float()
+        text_logits = self.model.text_logits(h).float()
         text = sample_rows(text_logits, rp, u[:, 0], candidates=cfg.vocab_size, static=True)
         text = torch.where(inp["force"] >= 0, inp["force"], text)
-        hl = self.model.hidden_states_downcast(h)
+        hl = self.model.downcast(h)
         frames, local_logits = self._sample_speech(hl, rp, u[:, 1:], static=True, local_kv=self._static_local)
         keep = (inp["speech_mask"] & (text != self.special.eosp))[:, None, None]
         speech = torch.where(keep, frames, torch.full_like(frames, cfg.zero_speech_id))
@@ -853,7 +858,7 @@ class SG2LM:
         if f.shape[0] < self.group_size - 1:
             raise ValueError(f"need {self.group_size - 1} frames to feed")
         with torch.no_grad():
-            hl = self.model.hidden_states_downcast(h[None])
+            hl = self.model.downcast(h[None])
             logits = self._local(hl, lambda step, _logits: f[step][None] if step < f.shape[0] else None)
         return torch.stack([x[0] for x in logits]).cpu()
 

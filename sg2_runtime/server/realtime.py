@@ -712,17 +712,6 @@ class RealtimeCall:
             ),
             t,
         )
-        if e.greeting:
-            text = self._greeting_text()
-            if text:
-                self._on_text(reply.id, text, t)
-
-    def _greeting_text(self) -> str:
-        try:
-            greeting = self.engine.models.resolve_greeting(self.options)[0]
-            return self.engine.models.fmt.decode_text(list(greeting.text_ids)) if greeting is not None else ""
-        except Exception:  # only a transcript nicety
-            return ""
 
     def _on_text(self, response_id: str, text: str, t: float) -> None:
         reply = self._reply
