@@ -60,6 +60,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/lm_bench.py
 	$(PY) benchmarks/engine_bench.py
 	$(PY) benchmarks/direct_bench.py
+	$(PY) benchmarks/server_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info $(WEB)/dist $(WEB)/node_modules

@@ -167,10 +167,9 @@ async def _ws_call(
     silence = _chunks(np.zeros(int(SILENCE_S * 24000), np.float32))
     latencies = []
     loop = asyncio.get_running_loop()
-    appended = 0
+    appended = created = 0
     async with aiohttp.ClientSession() as http, http.ws_connect(url, max_msg_size=0) as ws:
-        created = json.loads((await ws.receive()).data)
-        assert created["type"] == "session.created"
+        assert json.loads((await ws.receive()).data)["type"] == "session.created"
         update = {"type": "realtime", "max_output_tokens": REPLY_TOKENS}
         if scenario == "commit":
             update["audio"] = {"input": {"turn_detection": None}}
@@ -190,10 +189,11 @@ async def _ws_call(
             sent = await _paced(speech, send, t0)
             last_input = ("audio", appended - 1)  # the turn's final message: its last speech chunk ...
             if scenario == "commit":
+                created += 1
                 await ws.send_str('{"type":"input_audio_buffer.commit"}')
                 await ws.send_str('{"type":"response.create"}')
                 sent_create = time.perf_counter()
-                last_input = ("respond", None)  # ... or the response.create
+                last_input = ("respond", created - 1)  # ... or the response.create
             pacing = asyncio.ensure_future(_paced(silence, send, t0 + len(speech) * CHUNK_MS / 1000))
             first = None
             while True:
@@ -252,7 +252,7 @@ class Probe:
 
         self.calls = app[CALLS_KEY]
         self.audio_times: dict[str, list[float]] = {}
-        self.respond_times: dict[str, float] = {}
+        self.respond_times: dict[str, list[float]] = {}
         self.emitted: dict[str, float] = {}
         self.session_of: dict[str, str] = {}
         self.samples: list[dict[str, float]] = []
@@ -264,7 +264,7 @@ class Probe:
             return push(session, *args, **kw)
 
         def create_response(session, *args, **kw):
-            probe.respond_times[session.id] = time.perf_counter()
+            probe.respond_times.setdefault(session.id, []).append(time.perf_counter())
             return respond(session, *args, **kw)
 
         def _deliver(session, event):
@@ -301,7 +301,7 @@ class Probe:
         response_id = record["response_id"]
         sid = self.session_of[response_id]
         kind, index = record["kind"], record["index"]
-        engine_got = self.audio_times[sid][index] if kind == "audio" else self.respond_times[sid]
+        engine_got = (self.audio_times if kind == "audio" else self.respond_times)[sid][index]
         inbound = (engine_got - record["sent"]) * 1000
         client_got = record["got"]
         outbound = (client_got - self.emitted[response_id]) * 1000
