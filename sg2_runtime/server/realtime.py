@@ -373,6 +373,11 @@ class RealtimeCall:
             pass  # the engine ended the call; the pump closes the socket
         except (ValueError, AudioFormatError) as exc:
             self._emit_error("invalid_value", str(exc), event_id=event_id)
+        except Exception:  # a bug must cost this one event, not the call
+            log.exception("call %s: handling %s failed", self.id, type_)
+            self._emit_error(
+                "server_error", f"internal error handling {type_}", event_id=event_id, type_="server_error"
+            )
 
     async def _session_update(self, event: dict[str, Any], event_id: str | None) -> None:
         assert self.session is not None
