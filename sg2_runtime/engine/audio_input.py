@@ -8,6 +8,7 @@ thread. Bad samples never propagate: non-finite values become 0 and are counted.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,3 +105,33 @@ def _to_float(arr: np.ndarray) -> np.ndarray:
     if arr.dtype in (np.float32, np.float64, np.float16):
         return arr.astype(np.float32, copy=False)
     raise AudioFormatError(f"unsupported sample dtype {arr.dtype}; use int16, int32 or float")
+
+
+class SampleQueue:
+    """FIFO of float32 samples fed in arbitrary pieces and consumed in fixed-size blocks."""
+
+    def __init__(self) -> None:
+        self._parts: deque[np.ndarray] = deque()
+        self.size = 0
+
+    def push(self, samples: np.ndarray) -> None:
+        if samples.size:
+            self._parts.append(samples)
+            self.size += samples.size
+
+    def take(self, n: int) -> np.ndarray | None:
+        if self.size < n:
+            return None
+        out = np.empty(n, dtype=np.float32)
+        filled = 0
+        while filled < n:
+            head = self._parts[0]
+            k = min(n - filled, head.size)
+            out[filled : filled + k] = head[:k]
+            filled += k
+            if k == head.size:
+                self._parts.popleft()
+            else:
+                self._parts[0] = head[k:]
+        self.size -= n
+        return out
