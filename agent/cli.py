@@ -28,6 +28,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "sg2_runtime.server.cli",
         "Serve the engine: OpenAI-Realtime WebSocket API (/v1/realtime), /healthz, /metrics",
     ),
+    "download": (
+        "agent.download",
+        "Download the released weights (Hugging Face) and greetings into the layout configs/default.yaml uses",
+    ),
 }
 
 
