@@ -28,6 +28,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "sg2_runtime.server.cli",
         "Serve the engine: OpenAI-Realtime WebSocket API (/v1/realtime), /healthz, /metrics",
     ),
+    "agent": (
+        "agent.livekit.cli",
+        "LiveKit agent worker: SpeechGPT 2.0 in LiveKit rooms, calls spread over sg2 serve engine servers",
+    ),
 }
 
 
