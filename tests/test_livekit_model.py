@@ -124,7 +124,7 @@ async def test_no_usable_server_is_an_unrecoverable_error() -> None:
     with pytest.raises(NoEngineServerError, match=r"127\.0\.0\.1:9"):
         await pool.candidates()
     assert pool.load() == 1.0
-    model = RealtimeModel(servers=pool)
+    model = RealtimeModel(servers=pool, connect_timeout_s=1.0)  # re-probes the silent server for 1 s
     sess = model.session()
     errors: list[llm.RealtimeModelError] = []
     sess.on("error", errors.append)

@@ -179,12 +179,20 @@ class EnginePool:
 
         return [st.server for st in sorted(fresh, key=key)] + [st.server for st in sorted(cooling, key=key)]
 
-    async def candidates(self) -> list[EngineServer]:
+    async def candidates(self, wait_s: float = 0.0) -> list[EngineServer]:
         """Probe now and return the servers to try for a new call, best first.
 
-        Raises :class:`NoEngineServerError` (with every server's state) when none can take a call."""
-        statuses = await self.probe()
-        ordered = self.order(statuses)
+        While no server can take the call but some did not answer (a busy or restarting server),
+        probe again for up to ``wait_s``; servers that answered "full" are not waited for. Raises
+        :class:`NoEngineServerError` (with every server's state) when none can take a call."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            statuses = await self.probe()
+            ordered = self.order(statuses)
+            if ordered or loop.time() >= deadline or all(st.reachable for st in statuses):
+                break
+            await asyncio.sleep(min(0.25, max(0.0, deadline - loop.time())))
         if not ordered:
             raise NoEngineServerError(
                 "no engine server can take a call: "

@@ -142,15 +142,40 @@ class SessionSection(_Strict):
 
 
 class FloorSection(_Strict):
-    """Who the agent listens to in a room with several people (see agent/livekit/floor.py)."""
+    """Who the agent listens to in a room with several people (see agent/livekit/floor.py), and
+    how fast its audio stops when someone talks over it."""
 
-    speech_dbfs: float = Field(
-        -45.0, le=0, description="a participant's level above this (RMS, 20 ms frames) counts as speech"
-    )
-    start_ms: int = Field(60, ge=20, le=1000, description="speech this long claims the floor")
+    threshold: float = Field(0.5, gt=0, lt=1, description="Silero speech probability that counts as speech")
+    release_threshold: float = Field(0.35, gt=0, lt=1, description="under this a participant counts as quiet")
+    start_ms: int = Field(64, ge=32, le=1000, description="speech this long claims a free floor")
     release_ms: int = Field(
         600, ge=100, le=5000, description="the floor is free once its holder has been quiet this long"
     )
+    preroll_ms: int = Field(
+        300, ge=0, le=2000, description="a newcomer's audio from before the floor switch sent to the model"
+    )
+    fast_stop: bool = Field(
+        True,
+        description=(
+            "pause the agent's audio on the first likely speech window of the floor holder, before the "
+            "engine confirms the barge-in (resumed if the sound does not turn into speech)"
+        ),
+    )
+    onset_threshold: float = Field(
+        0.2, gt=0, lt=1, description="speech probability of a window that pauses the agent (fast stop)"
+    )
+    onset_dbfs: float = Field(-45.0, le=0, description="... if the window is also louder than this (RMS)")
+    confirm_ms: int = Field(
+        700, ge=100, le=5000, description="how long a fast stop waits for the engine's barge-in decision"
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> FloorSection:
+        if self.release_threshold > self.threshold:
+            raise ValueError("release_threshold must not exceed threshold")
+        if self.onset_threshold > self.threshold:
+            raise ValueError("onset_threshold must not exceed threshold")
+        return self
 
 
 class WorkerSection(_Strict):

@@ -87,14 +87,19 @@ def make_model(settings: AgentSettings, pool: EnginePool | None = None) -> Realt
 def prewarm(settings_data: dict[str, Any], proc: JobProcess) -> None:
     """Runs once per job process before it takes a job: validate settings, import what calls need."""
     proc.userdata["settings"] = AgentSettings.model_validate(settings_data)
-    import numpy  # noqa: F401
-    from livekit.plugins.openai import realtime  # noqa: F401
+    from sg2_runtime.engine.vad import BatchedVAD
+
+    BatchedVAD(1)  # loads onnxruntime's CPU provider and the Silero model once per process
 
 
 async def entrypoint(settings_data: dict[str, Any], ctx: JobContext) -> None:
     settings = AgentSettings.model_validate(settings_data)
     call = RoomCall(ctx, settings)
-    await call.run()
+    try:
+        await call.run()
+    except Exception as exc:
+        log.exception("the call in room %s could not start", ctx.room.name)
+        await call.fail(f"the agent could not start: {type(exc).__name__}: {exc}", code="agent_failed")
 
 
 class RoomCall:
@@ -108,6 +113,9 @@ class RoomCall:
         self.floor: FloorController | None = None
         self._ending = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._paused_at: float | None = None
+        self._resume_timer: asyncio.TimerHandle | None = None
+        self._engine_heard_at: float | None = None  # the engine's latest speech start
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -127,28 +135,83 @@ class RoomCall:
         )
         self.session = session
         session.on("close", self._on_close)
+        session.on("agent_state_changed", self._on_agent_state)
+        session.on("user_state_changed", self._on_user_state)
+        self.floor = FloorController(
+            ctx.room,
+            a.floor,
+            on_empty=lambda: self.end("everyone left"),
+            on_onset=self._on_onset,
+            on_fizzle=self._on_fizzle,
+        )
+        session.input.audio = self.floor.input  # the floor holder's voice (see floor.py)
         await session.start(
             Agent(instructions=a.session.instructions),
             room=ctx.room,
             room_options=room_io.RoomOptions(
-                audio_input=room_io.AudioInputOptions(sample_rate=24000, num_channels=1, frame_size_ms=20),
+                audio_input=False,  # the floor controller is the input, following the linked participant
                 audio_output=room_io.AudioOutputOptions(sample_rate=24000, num_channels=1),
                 text_output=room_io.TextOutputOptions(sync_transcription=True),
                 close_on_disconnect=False,  # the floor controller ends the call with the last human
             ),
         )
         rio = session.room_io
-        self.floor = FloorController(
-            ctx.room,
-            set_participant=rio.set_participant,
-            linked_identity=lambda: p.identity if (p := rio.linked_participant) is not None else None,
-            options=a.floor,
-            on_empty=lambda: self.end("everyone left"),
+        self.floor.start(
+            rio.set_participant,
+            lambda: p.identity if (p := rio.linked_participant) is not None else None,
         )
-        self.floor.start()
         if a.session.greet:
             session.generate_reply()
         self._spawn(self._no_show_watch())
+
+    # ------------------------------------------------------------------ fast stop
+    def _on_onset(self, identity: str) -> None:
+        """The floor holder's first speech window while the agent speaks: pause its audio now.
+
+        The engine server hears the same speech ~100-200 ms later (transport, its VAD's 64 ms,
+        the way back); if it confirms (speech started), the framework interrupts the reply and the
+        engine cuts its history to what was played; if not (a noise its VAD rejects), the audio
+        resumes after ``confirm_ms``, where it stopped."""
+        session = self.session
+        if not self.settings.agent.floor.fast_stop or session is None or self._paused_at is not None:
+            return
+        out = session.output.audio
+        if session.agent_state != "speaking" or out is None or not out.can_pause:
+            return
+        out.pause()
+        self._paused_at = time.monotonic()
+        log.debug("%s spoke over the agent: its audio paused", identity)
+        delay = self.settings.agent.floor.confirm_ms / 1000.0
+        self._resume_timer = asyncio.get_running_loop().call_later(delay, self._resume, "not confirmed")
+
+    def _on_fizzle(self, identity: str) -> None:
+        """The sound that paused the agent did not become speech: play on, unless the engine heard
+        speech meanwhile (then the framework is interrupting the reply)."""
+        if self._paused_at is not None and (
+            self._engine_heard_at is None or self._engine_heard_at < self._paused_at
+        ):
+            self._resume(f"{identity}'s sound was not speech")
+
+    def _on_user_state(self, ev: Any) -> None:
+        if ev.new_state == "speaking":
+            self._engine_heard_at = time.monotonic()
+
+    def _on_agent_state(self, ev: Any) -> None:
+        if self._paused_at is not None and ev.new_state != "speaking":
+            self._resume("the reply stopped")
+
+    def _resume(self, why: str) -> None:
+        if self._paused_at is None:
+            return
+        if self._resume_timer is not None:
+            self._resume_timer.cancel()
+            self._resume_timer = None
+        paused_ms = (time.monotonic() - self._paused_at) * 1000
+        self._paused_at = None
+        out = self.session.output.audio if self.session is not None else None
+        if out is not None:
+            out.resume()
+        log.debug("agent audio resumed after %.0f ms (%s)", paused_ms, why)
 
     async def _no_show_watch(self) -> None:
         """End the job if nobody ever joins (a dispatch for a room its caller never entered)."""
@@ -171,13 +234,15 @@ class RoomCall:
         if ev.reason == CloseReason.ERROR or ev.error is not None:
             message = str(getattr(ev.error, "error", None) or ev.error or "the call failed")
             log.error("call in room %s failed: %s", self.ctx.room.name, message)
-            self._spawn(self._fail(message))
+            self._spawn(self.fail(message))
         else:
             self.end(f"session closed ({ev.reason.value})")
 
-    async def _fail(self, message: str) -> None:
+    async def fail(self, message: str, code: str = "engine_failed") -> None:
+        """Tell the room the call failed (data topic ``sg2.error`` and the agent's attribute
+        ``sg2.error``), then end the job."""
         if self.settings.agent.report_errors and self.ctx.room.isconnected():
-            payload = json.dumps({"type": "error", "code": "engine_failed", "message": message})
+            payload = json.dumps({"type": "error", "code": code, "message": message})
             lp = self.ctx.room.local_participant
             with contextlib.suppress(Exception):
                 await lp.set_attributes({ATTRIBUTE_ERROR: message[:500]})

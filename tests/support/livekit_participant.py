@@ -66,7 +66,7 @@ class RoomParticipant:
     def __init__(self, identity: str) -> None:
         self.identity = identity
         self.room = rtc.Room()
-        self.source = rtc.AudioSource(RATE, 1, queue_size_ms=200)
+        self.source = rtc.AudioSource(RATE, 1, queue_size_ms=100)
         self.track: rtc.LocalAudioTrack | None = None
         self.agent: rtc.RemoteParticipant | None = None
         self.agents_seen: list[str] = []
@@ -171,7 +171,9 @@ class RoomParticipant:
             for i in range(0, len(pcm), FRAME):
                 chunk = pcm[i : i + FRAME]
                 await self.source.capture_frame(rtc.AudioFrame(chunk.tobytes(), RATE, 1, FRAME))
-                now = time.monotonic()
+                # when this frame leaves the source's playout queue: the moment a microphone would
+                # have produced it (what latencies are measured from)
+                now = time.monotonic() + max(0.0, self.source.queued_duration - FRAME_MS / 1000)
                 first = now if first is None else first
                 last = now
                 if dbfs(chunk) > VOICED_DBFS:
