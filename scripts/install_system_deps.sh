@@ -6,7 +6,8 @@
 # run with a component silently missing.
 #
 #   apt (Debian 12):  libsndfile1 (soundfile), libopus-dev libopusfile-dev libsoxr-dev pkg-config
-#                     (CGO build of livekit-sip), chromium (browser tests, fake microphone),
+#                     (CGO build of livekit-sip), chromium (browser tests, fake microphone) with a
+#                     CJK font (the transcript renders Chinese in screenshots),
 #                     redis-server (LiveKit/SIP bus in tests), espeak-ng + sox (real synthetic
 #                     speech), sip-tester (= sipp) and baresip (SIP peers for telephony tests)
 #   Go -> .tools/bin: livekit-server (SFU, run as `livekit-server --dev` by the tests) and
@@ -27,7 +28,7 @@ STAMPS=$ROOT/.tools/stamps
 APT_PACKAGES=(
   libsndfile1
   libopus-dev libopusfile-dev libsoxr-dev pkg-config
-  chromium
+  chromium fonts-wqy-microhei
   redis-server
   espeak-ng sox
   sip-tester baresip

@@ -16,13 +16,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def _find_reference_dir() -> Path:
     """Locate `sg2_reference/` (golden tensors, tiny checkpoints, real speech).
 
-    Looked up in $SG2_REFERENCE_DIR, then `shared/` inside the checkout, then `../shared/`
-    beside it. A missing directory is an error, never a skip: CI must run every test.
+    Looked up in $SG2_REFERENCE_DIR, then `shared/` inside the checkout, then `shared/` beside
+    the checkout or beside any directory above it. A missing directory is an error, never a skip: CI must run every test.
     """
     candidates = []
     if os.environ.get("SG2_REFERENCE_DIR"):
         candidates.append(Path(os.environ["SG2_REFERENCE_DIR"]))
-    candidates += [REPO_ROOT / "shared" / "sg2_reference", REPO_ROOT.parent / "shared" / "sg2_reference"]
+    # `shared/` inside the checkout, or beside it, or beside any folder above it
+    candidates += [base / "shared" / "sg2_reference" for base in (REPO_ROOT, *REPO_ROOT.parents)]
     for path in candidates:
         if (path / "README.md").is_file():
             return path

@@ -146,6 +146,9 @@ async def test_greeting_is_spoken_first_and_talking_over_it_keeps_it_in_the_prom
         session = engine.open_session(_opts(play_greeting=True, flow_control="ack", greeting=1))
         first = await collect_until(session, lambda e: isinstance(e, ev.AudioChunk))
         assert isinstance(first[0], ev.ResponseStarted) and first[0].greeting
+        g = tiny_models.resolve_greeting(_opts(greeting=1))[0]
+        words = tiny_models.fmt.decode_text(list(g.text_ids)).rstrip("\ufffd").strip()
+        assert isinstance(first[1], ev.TextDelta) and first[1].text == words  # its words, for transcripts
         session.playback_ack(120, first[0].response_id)
         push(session, speech[24000:], 48000)  # speech right away, over the greeting
         events = await collect_until(session, reply_done())

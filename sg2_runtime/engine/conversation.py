@@ -138,6 +138,11 @@ class Conversation:
                 resp.to_decode.append(greeting_frames[i : i + GROUP])
             self.response = resp
             self.emit(ev.ResponseStarted(resp.id, None, greeting=True))
+            # the greeting's words, for transcripts (a multi-byte character cut at the end is dropped)
+            words = self.fmt.decode_text(list(getattr(greeting, "text_ids", ()))).rstrip("\ufffd").strip()
+            if words:
+                resp.text_emitted = words
+                self.emit(ev.TextDelta(resp.id, words))
             self.detector.agent_speaking = True
 
     def emit(self, event: ev.Event) -> None:
@@ -276,7 +281,7 @@ class Conversation:
         resp = self.response
         if resp is not None and resp.id == response_id and resp.released:
             if resp.greeting:
-                self._cut_response(status="cancelled")
+                self._cut_response(status="cancelled", announce_truncation=False)
                 self.emit(ev.HistoryTruncated(resp.id, min(int(audio_ms), resp.generated_ms)))
                 return
             if resp.generating or keep_chunks < len(resp.audio_positions):
@@ -759,11 +764,13 @@ class Conversation:
         played_chunks = min(played_ms // CHUNK_MS, len(resp.audio_positions))
         self.response = None
         self.detector.agent_speaking = False
-        if resp.greeting:
+        if resp.greeting:  # its audio stops; the prompt keeps the whole greeting (the voice prompt)
             resp.generating = False
             if not resp.done_sent:
                 resp.done_sent = True
-                self.emit(ev.ResponseDone(resp.id, status, resp.generated_ms, played_ms, ""))  # type: ignore[arg-type]
+                self.emit(ev.ResponseDone(resp.id, status, resp.generated_ms, played_ms, resp.text_emitted))  # type: ignore[arg-type]
+            elif announce_truncation:
+                self.emit(ev.HistoryTruncated(resp.id, played_ms))  # fully sent already: drop what is queued
             return
         keep = (
             resp.audio_positions[played_chunks - 1] + 1 if played_chunks else resp.start_pos + resp.head_len

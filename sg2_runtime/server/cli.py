@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         settings.check_secure()
         settings.models.check_loadable()
+        extension_names = _with_builtin_extensions(settings)
     except (ValidationError, ValueError, OSError) as exc:
         print(f"sg2 serve: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from .runner import serve
 
     try:
-        extensions = resolve_extensions(settings.server.extensions)
+        extensions = resolve_extensions(extension_names)
         engine = build_engine(settings)
     except (ValueError, OSError, ImportError) as exc:
         print(f"sg2 serve: cannot start: {exc}", file=sys.stderr)
@@ -100,9 +101,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+DIRECT_EXTENSION = "agent.direct:install"
+
+
+def _with_builtin_extensions(settings: Any) -> list[str]:
+    """The configured extensions, plus browser calls (``direct:`` section, on unless
+    ``direct.enabled: false``): the web client at ``/`` and WebRTC signalling under ``/v1/webrtc``.
+    The section is validated here so a mistake is a configuration error, before models load."""
+    names = list(settings.server.extensions)
+    section = settings.section("direct")
+    if section.get("enabled", True) and DIRECT_EXTENSION not in names:
+        from agent.direct.settings import DirectSettings
+
+        DirectSettings.model_validate(section)
+        names.insert(0, DIRECT_EXTENSION)
+    return names
+
+
 def _public(data: dict[str, Any]) -> dict[str, Any]:
     """Settings for printing: API keys masked."""
     auth = data.get("auth", {})
     if auth.get("api_keys"):
         auth["api_keys"] = ["***"] * len(auth["api_keys"])
+    direct = data.get("direct")
+    if isinstance(direct, dict) and direct.get("access_key"):
+        direct["access_key"] = "***"
     return data

@@ -341,7 +341,7 @@ class RealtimeCall:
             return
         try:
             event = json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
             self.metrics.client_event("invalid")
             self._emit_error("invalid_json", f"event is not valid JSON: {exc}")
             return
@@ -373,6 +373,11 @@ class RealtimeCall:
             pass  # the engine ended the call; the pump closes the socket
         except (ValueError, AudioFormatError) as exc:
             self._emit_error("invalid_value", str(exc), event_id=event_id)
+        except Exception:  # a bug must cost this one event, not the call
+            log.exception("call %s: handling %s failed", self.id, type_)
+            self._emit_error(
+                "server_error", f"internal error handling {type_}", event_id=event_id, type_="server_error"
+            )
 
     async def _session_update(self, event: dict[str, Any], event_id: str | None) -> None:
         assert self.session is not None
@@ -712,17 +717,6 @@ class RealtimeCall:
             ),
             t,
         )
-        if e.greeting:
-            text = self._greeting_text()
-            if text:
-                self._on_text(reply.id, text, t)
-
-    def _greeting_text(self) -> str:
-        try:
-            greeting = self.engine.models.resolve_greeting(self.options)[0]
-            return self.engine.models.fmt.decode_text(list(greeting.text_ids)) if greeting is not None else ""
-        except Exception:  # only a transcript nicety
-            return ""
 
     def _on_text(self, response_id: str, text: str, t: float) -> None:
         reply = self._reply

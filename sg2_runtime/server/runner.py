@@ -45,6 +45,10 @@ async def _serve(engine: Engine, settings: Settings, extensions: Iterable[Extens
         file=sys.stderr,
         flush=True,
     )
+    if any(
+        r.resource is not None and r.resource.canonical == "/v1/webrtc/calls" for r in app.router.routes()
+    ):
+        print(f"sg2 serve: browser calls at http://{shown}:{port}/", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -57,4 +61,8 @@ async def _serve(engine: Engine, settings: Settings, extensions: Iterable[Extens
 
 
 def serve(engine: Engine, settings: Settings, extensions: Iterable[Extension] = ()) -> None:
+    if settings.server.gil_switch_interval_ms is not None:
+        # the engine thread holds the GIL between model calls; Python hands it over only every
+        # switch interval, which would add up to 5 ms to any event the network loop has to send
+        sys.setswitchinterval(settings.server.gil_switch_interval_ms / 1000)
     asyncio.run(_serve(engine, settings, list(extensions)))
