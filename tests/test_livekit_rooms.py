@@ -10,6 +10,7 @@ about audio, text, timing and the engine's history, not what is said.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,18 +18,22 @@ import pytest
 import pytest_asyncio
 import torch
 
+from agent.direct import install as direct_calls
 from agent.livekit.token_service import install as token_service
 from sg2_runtime.engine.models import tiny_random_models
 from sg2_runtime.engine.options import EngineConfig
+from tests.support import REPO_ROOT
+from tests.support.chromium import chromium_page, save_screenshot
 from tests.support.livekit_agent import AgentWorker, mint_token, start_agent_worker, wait_until
 from tests.support.livekit_participant import RoomParticipant
 from tests.support.livekit_server import LiveKitServer, livekit_server_fixture
-from tests.support.realtime import RunningServer, running_server, server_settings
-from tests.support.speech import espeak_audio, load_reference_speech, pad_silence
+from tests.support.realtime import API_KEY, RunningServer, running_server, server_settings
+from tests.support.speech import espeak_audio, load_reference_speech, pad_silence, write_wav
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
 
 CAP_POSITIONS = 30  # the worker's max_output_tokens: 3.6 s replies
+WEB_DIST = REPO_ROOT / "web_client" / "dist"
 lk_server = livekit_server_fixture(scope="module", log_level="warn")
 
 
@@ -65,10 +70,12 @@ async def stack(lk_server: LiveKitServer, tmp_path_factory):
                 "api_secret": lk_server.api_secret,
                 "agent_name": "sg2",
             },
+            "direct": {"web_client_dir": str(WEB_DIST)},  # the page at "/" (its room mode here)
         }
     )
     config = EngineConfig(max_sessions=4, max_positions=1024)
-    async with running_server(models, config, settings, extensions=[token_service]) as server:
+    extensions = [direct_calls, token_service]
+    async with running_server(models, config, settings, extensions=extensions) as server:
         worker = await start_agent_worker(
             tmp_path_factory.mktemp("agent"), lk_server, [server.http_url], idle_processes=2
         )
@@ -292,3 +299,58 @@ async def _load(worker: AgentWorker) -> float | None:
 
 async def _no_jobs(worker: AgentWorker) -> bool:
     return (await worker.info()).get("active_jobs", 0) == 0  # protobuf JSON leaves out zeros
+
+
+@pytest.fixture(scope="module")
+def web_client() -> None:
+    proc = subprocess.run(["make", "web-client"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"building the web client failed:\n{proc.stdout}\n{proc.stderr}"
+    assert (WEB_DIST / "index.html").is_file()
+
+
+@pytest.fixture
+def caller_wav(reference_dir, tmp_path):
+    audio, rate = load_reference_speech(reference_dir, "zh", sample_rate=48000)
+    lead, tail = np.zeros(int(2.0 * rate), np.float32), np.zeros(int(8.0 * rate), np.float32)
+    return write_wav(tmp_path / "caller.wav", np.concatenate([lead, audio[: rate * 3], tail]), rate)
+
+
+async def test_browser_room_mode_completes_a_turn(stack: Stack, web_client, caller_wav) -> None:
+    async with chromium_page(fake_audio_wav=caller_wav, name="livekit-browser") as s:
+        page = s.page
+        await page.goto(stack.server.http_url + "/?room=browser")
+        await page.wait_for_selector("#mode-row:not([hidden])")
+        assert await page.is_checked('input[name="mode"][value="room"]')
+        assert await page.input_value("#room-name") == "browser"
+        await page.wait_for_selector("#key-row:not([hidden])")  # the server has API keys: the page asks
+        await page.fill("#access-key", API_KEY)
+        await page.click("#call")
+
+        await page.wait_for_function("document.getElementById('room-info').dataset.room === 'sg2-browser'")
+        # the agent answered: its words in the transcript, its voice playing, its state shown
+        await page.wait_for_function(
+            """() => [...document.querySelectorAll('#transcript li.agent')]
+                    .some(li => li.querySelector('.text').textContent.trim())""",
+            timeout=60_000,
+        )
+        await page.wait_for_function(
+            """() => { const a = document.getElementById('agent-audio');
+                       return a.srcObject && !a.paused && a.currentTime > 0.5
+                           && document.getElementById('state').dataset.state === 'speaking'
+                           && Number(document.getElementById('agent-meter').dataset.level) > 20; }""",
+            timeout=30_000,
+        )
+        you = page.locator("#transcript li.user .who")
+        assert await you.count() >= 1 and (await you.first.text_content()) == "You"  # whose turn it was
+        info = await page.text_content("#room-info")
+        assert info is not None and "sg2-browser" in info and "listens to you" in info
+        assert int(await page.get_attribute("#mic-meter", "data-peak")) > 20
+        assert not await page.is_visible("#error")
+        await save_screenshot(page, "livekit-browser-room")
+        assert stack.server.engine.live_sessions == 1
+
+        # leaving the room ends the call: the agent leaves with the last human
+        await page.click("#call")
+        await page.wait_for_function("document.getElementById('state').dataset.state === 'ended'")
+        await wait_until(lambda: stack.server.engine.live_sessions == 0, "the call to end")
+        assert s.page_errors == []

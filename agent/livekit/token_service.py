@@ -1,4 +1,5 @@
-"""Room tokens from ``sg2 serve``: ``POST /v1/livekit/token`` mints a short-lived LiveKit access token.
+"""Room tokens from ``sg2 serve``: ``POST /v1/livekit/token`` mints a short-lived LiveKit access token;
+``GET /v1/livekit/config`` tells a page that room calls are offered (and whether a key is needed).
 
 Enabled by a ``livekit:`` section (URL, API key and secret, here or in ``$LIVEKIT_*``); behind the
 same API keys as the rest of the server (``Authorization: Bearer <key>``). The LiveKit API secret
@@ -43,6 +44,7 @@ from .settings import ROOM_NAME_RE, LiveKitSection
 log = logging.getLogger("sg2.livekit.tokens")
 
 TOKEN_ROUTE = "/v1/livekit/token"
+CONFIG_ROUTE = "/v1/livekit/config"
 IDENTITY_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 RESERVED_IDENTITY_PREFIX = "sg2-agent-"
 MAX_BODY = 8192
@@ -185,11 +187,32 @@ async def token_handler(request: web.Request) -> web.Response:
     return web.json_response(out, headers={"Cache-Control": "no-store"})
 
 
+async def config_handler(request: web.Request) -> web.Response:
+    """``GET /v1/livekit/config``: what a page needs to offer room calls (no secret, no token)."""
+    service: TokenService = request.app[TOKEN_SERVICE_KEY]  # type: ignore[assignment]
+    checker = request.app[AUTH_KEY]
+    opts = service.section.token_service
+    return web.json_response(
+        {
+            "available": True,
+            "auth_required": checker.enabled,
+            "authorized": checker.check(request) is None,
+            "token_endpoint": TOKEN_ROUTE,
+            "agent_name": service.section.agent_name or None,
+            "room_prefix": opts.room_prefix,
+            "allow_room_choice": opts.allow_room_choice,
+        },
+        headers={"Cache-Control": "no-store"},
+    )
+
+
 def setup_token_service(app: web.Application, section: LiveKitSection) -> TokenService:
-    """Add ``POST /v1/livekit/token`` to an ``sg2 serve`` app (built by ``create_app``)."""
+    """Add ``POST /v1/livekit/token`` and ``GET /v1/livekit/config`` to an ``sg2 serve`` app (built
+    by ``create_app``)."""
     service = TokenService(section, registry=app[METRICS_KEY].registry)
     app[TOKEN_SERVICE_KEY] = service
     app.router.add_post(TOKEN_ROUTE, token_handler)
+    app.router.add_get(CONFIG_ROUTE, config_handler)
     return service
 
 
