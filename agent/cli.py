@@ -32,6 +32,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "agent.download",
         "Download the released weights (Hugging Face) and greetings into the layout configs/default.yaml uses",
     ),
+    "agent": (
+        "agent.livekit.cli",
+        "LiveKit agent worker: SpeechGPT 2.0 in LiveKit rooms, calls spread over sg2 serve engine servers",
+    ),
 }
 
 

@@ -8,8 +8,9 @@ each 512-sample window), so sessions start and stop independently.
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -21,8 +22,14 @@ WINDOW_MS = WINDOW * 1000 // VAD_RATE
 
 
 def silero_model_path() -> str:
-    """Path of the ONNX model inside the installed `silero-vad` package."""
-    path = importlib.resources.files("silero_vad") / "data" / "silero_vad.onnx"
+    """Path of the ONNX model inside the installed `silero-vad` package.
+
+    Found without importing the package: its ``__init__`` imports torch (seconds), which processes
+    that only need the ONNX model (the LiveKit agent's floor control) do not otherwise load."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the silero-vad package is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
     if not path.is_file():
         raise FileNotFoundError(f"silero_vad.onnx not found in the silero-vad package at {path}")
     return str(path)

@@ -102,12 +102,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 DIRECT_EXTENSION = "agent.direct:install"
+LIVEKIT_TOKEN_EXTENSION = "agent.livekit.token_service:install"
 
 
 def _with_builtin_extensions(settings: Any) -> list[str]:
     """The configured extensions, plus browser calls (``direct:`` section, on unless
-    ``direct.enabled: false``): the web client at ``/`` and WebRTC signalling under ``/v1/webrtc``.
-    The section is validated here so a mistake is a configuration error, before models load."""
+    ``direct.enabled: false``): the web client at ``/`` and WebRTC signalling under ``/v1/webrtc``;
+    plus LiveKit room tokens (``POST /v1/livekit/token``) when a ``livekit:`` section is present
+    (unless ``livekit.token_service.enabled: false``). The sections are validated here so a mistake
+    is a configuration error, before models load."""
     names = list(settings.server.extensions)
     section = settings.section("direct")
     if section.get("enabled", True) and DIRECT_EXTENSION not in names:
@@ -115,6 +118,15 @@ def _with_builtin_extensions(settings: Any) -> list[str]:
 
         DirectSettings.model_validate(section)
         names.insert(0, DIRECT_EXTENSION)
+    if (settings.model_extra or {}).get("livekit") is not None and LIVEKIT_TOKEN_EXTENSION not in names:
+        from agent.livekit.settings import LiveKitSection
+
+        livekit = LiveKitSection.model_validate(settings.section("livekit"))
+        if livekit.token_service.enabled:
+            missing = livekit.missing()
+            if missing:
+                raise ValueError(f"livekit: {', '.join(missing)} not set (needed for room tokens)")
+            names.append(LIVEKIT_TOKEN_EXTENSION)
     return names
 
 
@@ -126,4 +138,7 @@ def _public(data: dict[str, Any]) -> dict[str, Any]:
     direct = data.get("direct")
     if isinstance(direct, dict) and direct.get("access_key"):
         direct["access_key"] = "***"
+    livekit = data.get("livekit")
+    if isinstance(livekit, dict) and livekit.get("api_secret"):
+        livekit["api_secret"] = "***"
     return data

@@ -49,6 +49,14 @@ async def _serve(engine: Engine, settings: Settings, extensions: Iterable[Extens
         r.resource is not None and r.resource.canonical == "/v1/webrtc/calls" for r in app.router.routes()
     ):
         print(f"sg2 serve: browser calls at http://{shown}:{port}/", file=sys.stderr, flush=True)
+    if any(
+        r.resource is not None and r.resource.canonical == "/v1/livekit/token" for r in app.router.routes()
+    ):
+        print(
+            f"sg2 serve: LiveKit room tokens at http://{shown}:{port}/v1/livekit/token",
+            file=sys.stderr,
+            flush=True,
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

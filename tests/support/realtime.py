@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,12 +79,15 @@ def server_settings(**overrides: Any) -> Settings:
 
 @contextlib.asynccontextmanager
 async def running_server(
-    models: Any, engine_config: EngineConfig | None = None, settings: Settings | None = None
+    models: Any,
+    engine_config: EngineConfig | None = None,
+    settings: Settings | None = None,
+    extensions: Iterable[Callable[[web.Application], None]] = (),
 ) -> AsyncIterator[RunningServer]:
     settings = settings or server_settings()
     engine = Engine(models, engine_config or EngineConfig(max_sessions=4, max_positions=1024)).start()
     try:
-        app = create_app(engine, settings)
+        app = create_app(engine, settings, extensions=extensions)
         runner, host, port = await start_site(app, settings)
         try:
             yield RunningServer(engine, app, settings, host, port)

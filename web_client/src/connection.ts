@@ -40,11 +40,11 @@ export interface DirectConfig {
   ice_servers: RTCIceServer[];
 }
 
-function authHeaders(key: string | null): Record<string, string> {
+export function authHeaders(key: string | null): Record<string, string> {
   return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
-async function errorOf(resp: Response): Promise<SignallingError> {
+export async function errorOf(resp: Response): Promise<SignallingError> {
   let code = "http_" + resp.status;
   let message = resp.statusText || "request failed";
   try {

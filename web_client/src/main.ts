@@ -7,6 +7,7 @@ import {
   SignallingError,
 } from "./connection";
 import { LevelMeter } from "./meter";
+import { fetchRoomConfig, type RoomConfig } from "./roomconfig";
 
 type UiState = "idle" | "connecting" | "listening" | "thinking" | "speaking" | "ended";
 
@@ -38,7 +39,33 @@ const ui = {
   audio: $("agent-audio") as HTMLAudioElement,
   micMeter: $("mic-meter"),
   agentMeter: $("agent-meter"),
+  modeRow: $("mode-row"),
+  roomNameRow: $("room-name-row"),
+  roomName: $("room-name") as HTMLInputElement,
+  roomInfo: $("room-info"),
 };
+
+type Mode = "direct" | "room";
+let roomConfig: RoomConfig | null = null;
+let roomLabel = ""; // "Room sg2-…" while in a room
+let floorLabel = "";
+
+function mode(): Mode {
+  const checked = document.querySelector<HTMLInputElement>('input[name="mode"]:checked');
+  return roomConfig && checked?.value === "room" ? "room" : "direct";
+}
+
+function setMode(m: Mode): void {
+  const radio = document.querySelector<HTMLInputElement>(`input[name="mode"][value="${m}"]`);
+  if (radio) radio.checked = true;
+  ui.roomNameRow.hidden = m !== "room" || !roomConfig?.allow_room_choice;
+  document.body.dataset.mode = m;
+}
+
+function showRoomInfo(): void {
+  ui.roomInfo.hidden = !roomLabel;
+  ui.roomInfo.textContent = [roomLabel, floorLabel].filter(Boolean).join(" · ");
+}
 
 let connection: CallConnection | null = null;
 let mic: MediaStream | null = null;
@@ -66,6 +93,9 @@ function setCallButton(calling: boolean): void {
   ui.call.classList.toggle("danger", calling);
   ui.mute.disabled = !calling;
   if (!calling) setMuted(false);
+  document.querySelectorAll<HTMLInputElement>('input[name="mode"], #room-name').forEach((el) => {
+    el.disabled = calling;
+  });
 }
 
 function setMuted(muted: boolean): void {
@@ -114,6 +144,28 @@ function formatLatency(e: AgentEvent): string {
 
 function onAgentEvent(e: AgentEvent): void {
   switch (e.type) {
+    case "room": {
+      // share the room: others who open this link join the same call
+      const link = new URL(window.location.href);
+      link.searchParams.set("room", String(e.room));
+      roomLabel = `Room ${String(e.room)}`;
+      ui.roomInfo.dataset.room = String(e.room);
+      ui.roomInfo.dataset.link = link.toString();
+      setState("connecting", "waiting for the agent");
+      showRoomInfo();
+      break;
+    }
+    case "user_turn":
+      part(addItem("user", e.you ? "You" : String(e.identity)), "text").textContent = "(spoke)";
+      break;
+    case "agent_joined":
+      if (ui.state.dataset.state === "connecting") setState("connecting", "the agent is joining");
+      break;
+    case "floor":
+      floorLabel = e.you ? "the agent listens to you" : `the agent listens to ${String(e.identity)}`;
+      ui.roomInfo.dataset.floor = String(e.identity);
+      showRoomInfo();
+      break;
     case "state":
       if (e.state === "listening" || e.state === "thinking" || e.state === "speaking") setState(e.state);
       break;
@@ -199,9 +251,13 @@ async function startCall(): Promise<void> {
   setState("connecting");
   try {
     const key = accessKey();
-    const config = await fetchDirectConfig(key);
+    const inRoom = mode() === "room";
+    const config = inRoom ? null : await fetchDirectConfig(key);
+    const rooms = inRoom ? await fetchRoomConfig(key) : null;
     live();
-    if (config.auth_required && !config.authorized) {
+    if (inRoom && !rooms) throw new Error("This server no longer offers LiveKit rooms.");
+    const auth = config ?? rooms!;
+    if (auth.auth_required && !auth.authorized) {
       ui.keyRow.hidden = false;
       throw new SignallingError(401, "unauthorized", "This server needs an access key: enter it above.");
     }
@@ -216,7 +272,11 @@ async function startCall(): Promise<void> {
     }
     live();
     startMeters();
-    const conn = new DirectConnection(config, key);
+    const roomName = ui.roomName.value.trim() || null;
+    const conn = inRoom
+      ? new (await import("./room")).RoomConnection(rooms!, key, roomName) // loads livekit-client
+      : new DirectConnection(config!, key);
+    live();
     connection = conn;
     await conn.connect(mic.getAudioTracks()[0], {
       onRemoteStream(stream) {
@@ -251,6 +311,8 @@ async function startCall(): Promise<void> {
 
 function endCall(reason: string | null): void {
   connection = null;
+  roomLabel = floorLabel = "";
+  showRoomInfo();
   mic?.getTracks().forEach((t) => t.stop());
   mic = null;
   stopMeters();
@@ -276,11 +338,26 @@ document.addEventListener("click", () => {
   if (ui.audio.srcObject && ui.audio.paused) void ui.audio.play();
 });
 
-// Show the key field up front when the server needs one.
+// Show the key field up front when the server needs one; offer LiveKit rooms when it has them
+// (?room=NAME in the address opens that room: how people share a multi-person call).
 ui.key.value = sessionStorage.getItem("sg2-access-key") ?? "";
 fetchDirectConfig(null)
   .then((config) => {
     ui.keyRow.hidden = !config.auth_required;
   })
   .catch(() => showError("The server is not reachable."));
+fetchRoomConfig(null)
+  .then((config) => {
+    roomConfig = config;
+    ui.modeRow.hidden = !config;
+    const wanted = new URLSearchParams(window.location.search).get("room");
+    if (config && wanted !== null) {
+      ui.roomName.value = wanted;
+      setMode("room");
+    } else setMode("direct");
+  })
+  .catch(() => setMode("direct"));
+document.querySelectorAll<HTMLInputElement>('input[name="mode"]').forEach((radio) =>
+  radio.addEventListener("change", () => setMode(mode())),
+);
 setState("idle");
