@@ -61,6 +61,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/engine_bench.py
 	$(PY) benchmarks/direct_bench.py
 	$(PY) benchmarks/server_bench.py
+	$(PY) benchmarks/livekit_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info $(WEB)/dist $(WEB)/node_modules

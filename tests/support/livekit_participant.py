@@ -38,10 +38,10 @@ def dbfs(pcm: np.ndarray) -> float:
 
 @dataclass
 class Sent:
-    start: float  # monotonic time the first frame was captured
-    end: float  # ... the last frame
-    voiced_start: float | None  # first frame above VOICED_DBFS
-    voiced_end: float | None  # last frame above VOICED_DBFS
+    start: float  # monotonic time the first frame began to play into the track
+    end: float  # ... the last frame finished
+    voiced_start: float | None  # the start of the first frame above VOICED_DBFS
+    voiced_end: float | None  # the end of the last frame above VOICED_DBFS
 
 
 @dataclass
@@ -66,7 +66,7 @@ class RoomParticipant:
     def __init__(self, identity: str) -> None:
         self.identity = identity
         self.room = rtc.Room()
-        self.source = rtc.AudioSource(RATE, 1, queue_size_ms=100)
+        self.source = rtc.AudioSource(RATE, 1, queue_size_ms=30)
         self.track: rtc.LocalAudioTrack | None = None
         self.agent: rtc.RemoteParticipant | None = None
         self.agents_seen: list[str] = []
@@ -80,7 +80,8 @@ class RoomParticipant:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._streams: list[rtc.AudioStream] = []
         self._silence_task: asyncio.Task[None] | None = None
-        self._speaking = asyncio.Lock()
+        self._speaking = asyncio.Lock()  # held for a whole clip: no silence in between
+        self._capture = asyncio.Lock()  # one capture at a time (the native source refuses overlaps)
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -145,7 +146,8 @@ class RoomParticipant:
         start, n = loop.time(), 0
         while True:
             if not self._speaking.locked():
-                await self.source.capture_frame(rtc.AudioFrame(zero.tobytes(), RATE, 1, FRAME))
+                async with self._capture:
+                    await self.source.capture_frame(rtc.AudioFrame(zero.tobytes(), RATE, 1, FRAME))
             n += 1
             delay = start + n * FRAME_MS / 1000 - loop.time()
             if delay < -0.5:  # fell behind (busy machine): do not burst to catch up
@@ -170,17 +172,20 @@ class RoomParticipant:
             start = loop.time()
             for i in range(0, len(pcm), FRAME):
                 chunk = pcm[i : i + FRAME]
-                await self.source.capture_frame(rtc.AudioFrame(chunk.tobytes(), RATE, 1, FRAME))
-                # when this frame leaves the source's playout queue: the moment a microphone would
-                # have produced it (what latencies are measured from)
-                now = time.monotonic() + max(0.0, self.source.queued_duration - FRAME_MS / 1000)
-                first = now if first is None else first
-                last = now
+                async with self._capture:
+                    await self.source.capture_frame(rtc.AudioFrame(chunk.tobytes(), RATE, 1, FRAME))
+                # when this frame starts and ends leaving the source's playout queue: as a microphone
+                # would have produced it (what latencies are measured from: speech starts at the
+                # start of its first frame and ends at the end of its last)
+                end = time.monotonic() + self.source.queued_duration
+                begin = end - FRAME_MS / 1000
+                first = begin if first is None else first
+                last = end
                 if dbfs(chunk) > VOICED_DBFS:
-                    voiced_first = now if voiced_first is None else voiced_first
-                    voiced_last = now
+                    voiced_first = begin if voiced_first is None else voiced_first
+                    voiced_last = end
                 if on_frame is not None:
-                    on_frame(i // FRAME, now)
+                    on_frame(i // FRAME, begin)
                 delay = start + (i // FRAME + 1) * FRAME_MS / 1000 - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)  # pacing like a microphone, not synchronisation
