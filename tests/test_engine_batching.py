@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from sg2_runtime.codec.streaming import StreamingEncoder
 from sg2_runtime.engine import events as ev
-from sg2_runtime.engine.engine import CapacityError, Engine
+from sg2_runtime.engine.engine import MAX_ENCODE_FRAMES, CapacityError, Engine
 from sg2_runtime.engine.options import EngineConfig, SessionOptions
 from sg2_runtime.engine.session import SessionClosedError
-from tests.support.engine_calls import collect_until, of_type, push, reply_done
+from tests.support.engine_calls import collect_until, engine_view_24k, of_type, push, reply_done
 from tests.support.speech import load_reference_speech
 
 CFG = EngineConfig(max_sessions=4, max_positions=1024)
@@ -88,6 +89,35 @@ async def test_joining_and_leaving_mid_reply_does_not_change_a_call(tiny_models,
     closing = tiny_models.lm.prompt.agent_turn_closing(True).shape[1]
     common = ref_history.shape[1] - closing  # everything up to the reference's capped reply end
     assert torch.equal(history[:, :common], ref_history[:, :common])
+
+
+async def test_a_call_behind_catches_up_in_multi_frame_codec_calls_with_the_same_tokens(
+    tiny_models, clips
+) -> None:
+    """Audio that piles up (a busy moment, a burst from the network) is encoded several frames per
+    codec call, and the tokens are those of encoding it frame by frame."""
+    audio, rate = clips[1]
+    seen: list[tuple[int, np.ndarray]] = []  # (frames in the call, (k, 3) tokens of our slot)
+    async with Engine(tiny_models, CFG) as engine:
+        encode = engine.runner.encode
+
+        def recording(slots, pcm):
+            tokens = encode(slots, pcm)
+            seen.append((pcm.shape[1] // 960, tokens[0]))
+            return tokens
+
+        engine.runner.encode = recording
+        session = engine.open_session(_opts())
+        session.push_audio(audio, rate)  # the whole clip at once: the engine is seconds behind
+        await collect_until(session, reply_done())
+    sizes = [k for k, _ in seen]
+    assert sizes[0] == MAX_ENCODE_FRAMES and max(sizes) == MAX_ENCODE_FRAMES
+    got = np.concatenate([t for _, t in seen])
+    # the same audio through a fresh streaming encoder, one frame per call
+    view = torch.from_numpy(engine_view_24k(audio, rate, chunk_ms=len(audio) * 1000 // rate + 1))
+    ref = StreamingEncoder(tiny_models.codec, 1)
+    frames = [ref.step(view[i * 960 : (i + 1) * 960].view(1, 1, -1)) for i in range(len(got))]
+    np.testing.assert_array_equal(got, torch.cat(frames, dim=-1)[:, 0].T.numpy())
 
 
 async def test_capacity_is_refused_clearly_and_freed_on_close(tiny_models) -> None:

@@ -277,8 +277,15 @@ class Conversation(UserTurns, Replies):
     def _vad_window_encoded(self) -> bool:
         return (self.vad_windows + 1) * WINDOW * 1000 // 16000 <= self.frames_encoded * FRAME_MS
 
-    def next_encode_input(self) -> np.ndarray | None:
-        return self._pcm24.take(FRAME)
+    def next_encode_input(self, max_frames: int = 1) -> np.ndarray | None:
+        """Up to ``max_frames`` whole codec frames of pushed audio, flat (None if not one yet)."""
+        frames = min(max_frames, self._pcm24.size // FRAME)
+        return self._pcm24.take(frames * FRAME) if frames else None
+
+    def add_frames(self, tokens: np.ndarray) -> None:
+        """(k, 3) tokens of consecutive frames, in order."""
+        for frame in tokens:
+            self.add_frame(frame)
 
     def add_frame(self, tokens: np.ndarray) -> None:
         self.frames.append(tokens)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from . import events as ev
+from .base import FRAME
 from .conversation import Conversation, SessionFailure
 from .metrics import EngineMetrics
 from .options import EngineConfig, SessionOptions
@@ -39,7 +40,7 @@ from .session import Session
 
 log = logging.getLogger("sg2.engine")
 
-MAX_ENCODE_ROUNDS = 8  # frames (40 ms each) encoded per session per tick at most
+MAX_ENCODE_FRAMES = 25  # frames (40 ms each) encoded per session per tick at most: 1 s of backlog
 MAX_DECODE_ROUNDS = 2
 # commands that act at a point of the caller's audio timeline: they wait until every frame pushed
 # before them is encoded and judged by the VAD (later commands of that session queue behind them)
@@ -334,28 +335,33 @@ class Engine:
         return [(sid, live) for sid, live in lives if sid in self._live and live.conv is not None]
 
     def _phase_encode(self, lives: list[tuple[str, _Live]]) -> bool:
-        worked = False
-        for _ in range(MAX_ENCODE_ROUNDS):
-            batch = [(sid, live, live.conv.next_encode_input()) for sid, live in self._alive(lives)]
-            batch = [(sid, live, frame) for sid, live, frame in batch if frame is not None]
-            if not batch:
-                break
-            worked = True
+        """Encode every session's pending audio, up to MAX_ENCODE_FRAMES frames each, with one codec
+        call per distinct frame count. A session that fell behind (a busy moment, a burst of
+        audio) catches up in one multi-frame call: per frame that costs a fraction of single
+        frames (per-call overhead dominates a streaming step), so a backlog shrinks instead of
+        making every following tick slower."""
+        groups: dict[int, list[tuple[str, np.ndarray]]] = {}
+        slots: dict[int, list[int]] = {}
+        for sid, live in self._alive(lives):
+            audio = live.conv.next_encode_input(MAX_ENCODE_FRAMES)
+            if audio is not None:
+                k = audio.size // FRAME
+                groups.setdefault(k, []).append((sid, audio))
+                slots.setdefault(k, []).append(live.slot)
+        for k, batch in groups.items():
             tokens = self._batched(
-                [sid for sid, _, _ in batch],
-                lambda b=batch: self.runner.encode(
-                    [lv.slot for _, lv, _ in b], np.stack([f for _, _, f in b])
-                ),
+                [sid for sid, _ in batch],
+                lambda b=batch, s=slots[k]: self.runner.encode(s, np.stack([a for _, a in b])),
             )
             if tokens is None:
                 continue
-            for (sid, _live, _), tok in zip(batch, tokens, strict=True):
-                self._guard(sid, lambda conv, t=tok: conv.add_frame(t))
-        return worked
+            for (sid, _), tok in zip(batch, tokens, strict=True):
+                self._guard(sid, lambda conv, t=tok: conv.add_frames(t))
+        return bool(groups)
 
     def _phase_vad(self, lives: list[tuple[str, _Live]]) -> bool:
         worked = False
-        for _ in range(MAX_ENCODE_ROUNDS * 2):
+        for _ in range(MAX_ENCODE_FRAMES * 2):
             batch = [(sid, live, live.conv.next_vad_window()) for sid, live in self._alive(lives)]
             batch = [(sid, live, w) for sid, live, w in batch if w is not None]
             if not batch:

@@ -34,11 +34,11 @@ class Runner:
         self.decoder.reset([slot])
         self.vad.reset(slot)
 
-    def encode(self, slots: Sequence[int], frames: np.ndarray) -> np.ndarray:
-        """One 960-sample frame per slot -> (n, 3) codec tokens."""
-        audio = torch.from_numpy(frames).to(self.codec.device, self.codec.dtype).unsqueeze(1)
-        tokens = self.encoder.step(audio, slots=list(slots))  # (3, n, 1)
-        return tokens[:, :, 0].T.cpu().numpy()
+    def encode(self, slots: Sequence[int], audio: np.ndarray) -> np.ndarray:
+        """(n, 960k) samples, the same k whole frames per slot -> (n, k, 3) codec tokens."""
+        x = torch.from_numpy(audio).to(self.codec.device, self.codec.dtype).unsqueeze(1)
+        tokens = self.encoder.step(x, slots=list(slots))  # (3, n, k)
+        return tokens.permute(1, 2, 0).cpu().numpy()
 
     def vad_probs(self, slots: Sequence[int], windows: np.ndarray) -> np.ndarray:
         return self.vad.run(slots, windows)
