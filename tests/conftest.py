@@ -6,11 +6,18 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.support.livekit_server import livekit_server_fixture
 from tests.support.redis_server import redis_server_fixture
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The test process hosts engines next to WebRTC peers and LiveKit participants on a 2-core
+# machine: torch's intra-op pool (one thread per core) waits at every op for a core the event
+# loop holds, which made the engine several times slower there. The tiny models gain nothing
+# from it. Benchmarks choose their own thread counts.
+torch.set_num_threads(1)
 
 
 def _find_reference_dir() -> Path:

@@ -248,24 +248,33 @@ async def test_a_third_participant_joining_mid_reply_changes_nothing(stack: Stac
         assert alice.agent_attribute("sg2.floor") == "alice"
         await alice.expect(lambda: alice.voiced_ms(first) >= 500, "500 ms of reply")
         floor_changes = len([a for a in alice.attributes if "sg2.floor" in a[2]])
+        log_before = len(stack.worker.log_text())
         async with RoomParticipant.join(tc["url"], tc["token"], "carol") as carol:
             await carol.expect(lambda: carol.agent is not None, "carol seeing the agent")
-            end = await alice.expect(lambda: alice.silent_since(first, 700), "the reply to end", timeout=30)
+            # the reply plays out: the agent is back to listening (its audio fully played)
+            await alice.expect(lambda: _back_to_listening(alice, first), "the reply to end", timeout=30)
+            end = alice.last_voiced(first)
+            assert end is not None
             await carol.expect(lambda: carol.voiced_ms(0) > 0, "carol hearing the rest of the reply")
+        # carol's arrival did not pause the agent's audio (the worker's fast stop), move the floor
+        # or cut the reply: everyone heard it whole, as the engine generated it, to its cap
+        assert "spoke over the agent" not in stack.worker.log_text()[log_before:]
         for p in (alice, bob):
             frames = p.voiced_frames(first - 0.05, end)
-            times = np.array([f.t for f in frames])
-            gaps = np.diff(times) if len(times) > 1 else np.array([0.0])
-            span = times[-1] - times[0]
+            span = frames[-1].t - frames[0].t
             assert span >= CAP_POSITIONS * 0.12 - 0.5, f"{p.identity} heard {span:.2f} s of a 3.6 s reply"
-            assert gaps.max() < 0.25, f"{p.identity}: the reply stalled for {gaps.max() * 1000:.0f} ms"
         assert len([a for a in alice.attributes if "sg2.floor" in a[2]]) == floor_changes
         assert alice.agent_attribute("sg2.floor") == "alice"
         session = stack.only_call().session
         spans = await _turn_spans(session)
+        assert [r for r, _, _ in spans] == ["system", "user", "agent"], spans
         history = await session.history()
-        _, s, e = next(sp for sp in spans if sp[0] == "agent")
+        _, s, e = spans[-1]
         assert e is not None and _speech_positions(history, s, e) == CAP_POSITIONS  # played to its cap
+
+
+def _back_to_listening(p: RoomParticipant, since: float) -> bool:
+    return any(t > since and changed.get("lk.agent.state") == "listening" for t, _, changed in p.attributes)
 
 
 async def test_one_worker_serves_two_rooms_at_once(stack: Stack, en_clip, bob_clip) -> None:
@@ -281,8 +290,11 @@ async def test_one_worker_serves_two_rooms_at_once(stack: Stack, en_clip, bob_cl
         info = await stack.worker.info()
         assert info["active_jobs"] == 2 and info["agent_name"] == "sg2"
         await wait_until(lambda: stack.server.engine.live_sessions == 2, "both calls on the engine server")
-        load = await wait_until(lambda: _load(stack.worker), "the worker to report the engine's load")
-        assert load == pytest.approx(0.5)  # 2 of the engine server's 4 slots
+        # 2 of the engine server's 4 slots (the worker refreshes its report periodically: a first
+        # report may still show one call)
+        await wait_until(
+            lambda: _load_is(stack.worker, 0.5), "the worker to report the engine's load as 2 of 4 slots"
+        )
         s1, s2 = await asyncio.gather(p1.say(en_clip), p2.say(bob_clip))
         await asyncio.gather(
             p1.expect(lambda: p1.voiced_ms(s1.voiced_end) >= 500, "room 1's reply"),
@@ -290,6 +302,10 @@ async def test_one_worker_serves_two_rooms_at_once(stack: Stack, en_clip, bob_cl
         )
     await wait_until(lambda: stack.server.engine.live_sessions == 0, "both calls to end")
     await wait_until(lambda: _no_jobs(stack.worker), "the worker to report no job")
+
+
+async def _load_is(worker: AgentWorker, expected: float) -> bool:
+    return await _load(worker) == pytest.approx(expected)
 
 
 async def _load(worker: AgentWorker) -> float | None:

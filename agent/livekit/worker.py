@@ -180,7 +180,7 @@ class RoomCall:
             return
         out.pause()
         self._paused_at = time.monotonic()
-        log.debug("%s spoke over the agent: its audio paused", identity)
+        log.info("%s spoke over the agent: its audio paused", identity)
         delay = self.settings.agent.floor.confirm_ms / 1000.0
         self._resume_timer = asyncio.get_running_loop().call_later(delay, self._resume, "not confirmed")
 
@@ -211,7 +211,7 @@ class RoomCall:
         out = self.session.output.audio if self.session is not None else None
         if out is not None:
             out.resume()
-        log.debug("agent audio resumed after %.0f ms (%s)", paused_ms, why)
+        log.info("agent audio resumed after %.0f ms (%s)", paused_ms, why)
 
     async def _no_show_watch(self) -> None:
         """End the job if nobody ever joins (a dispatch for a room its caller never entered)."""

@@ -21,7 +21,9 @@ from agent.direct import DirectSettings, setup_direct
 from agent.direct.service import DirectService
 from sg2_runtime.engine.engine import Engine
 from sg2_runtime.engine.options import EngineConfig
+from sg2_runtime.server.config import ServerSection
 
+from .gil import serve_switch_interval
 from .ports import HOST, free_tcp_port
 
 # Replies of the random tiny models are capped; the greeting is off unless a test wants it.
@@ -49,27 +51,28 @@ async def direct_server(
     key_check: Any = None,
     **settings: Any,
 ) -> AsyncIterator[DirectServer]:
-    engine = Engine(models, EngineConfig(max_sessions=max_sessions, max_positions=1024)).start()
-    direct = DirectSettings.model_validate({"session": {**TEST_SESSION, **(session or {})}, **settings})
-    app = web.Application()
-    service = setup_direct(app, engine, direct, key_check=key_check)
-    runner = web.AppRunner(app, shutdown_timeout=5.0)
-    await runner.setup()
-    site = None
-    for _ in range(5):
-        port = free_tcp_port()
-        site = web.TCPSite(runner, HOST, port)
+    with serve_switch_interval(ServerSection().gil_switch_interval_ms):
+        engine = Engine(models, EngineConfig(max_sessions=max_sessions, max_positions=1024)).start()
+        direct = DirectSettings.model_validate({"session": {**TEST_SESSION, **(session or {})}, **settings})
+        app = web.Application()
+        service = setup_direct(app, engine, direct, key_check=key_check)
+        runner = web.AppRunner(app, shutdown_timeout=5.0)
+        await runner.setup()
+        site = None
+        for _ in range(5):
+            port = free_tcp_port()
+            site = web.TCPSite(runner, HOST, port)
+            try:
+                await site.start()
+                break
+            except OSError:
+                site = None
+        assert site is not None, "no free port for the test server"
         try:
-            await site.start()
-            break
-        except OSError:
-            site = None
-    assert site is not None, "no free port for the test server"
-    try:
-        yield DirectServer(f"http://{HOST}:{port}", service, engine, runner)
-    finally:
-        await runner.cleanup()  # on_shutdown closes every call first
-        engine.shutdown()
+            yield DirectServer(f"http://{HOST}:{port}", service, engine, runner)
+        finally:
+            await runner.cleanup()  # on_shutdown closes every call first
+            engine.shutdown()
 
 
 def to_48k(audio: np.ndarray, rate: int) -> np.ndarray:

@@ -15,6 +15,7 @@ before disconnecting, so no livekit.rtc resource outlives the test's event loop.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,13 +28,14 @@ from livekit import rtc
 RATE = 24000
 FRAME_MS = 10
 FRAME = RATE * FRAME_MS // 1000
+SILENCE_MS = 20  # between clips: half the native calls of 10 ms frames (the same process runs an engine)
 VOICED_DBFS = -45.0
 
 
 def dbfs(pcm: np.ndarray) -> float:
-    x = pcm.astype(np.float64) / 32768.0
-    rms = float(np.sqrt(np.mean(x * x))) if x.size else 0.0
-    return 20.0 * np.log10(rms) if rms > 0 else float("-inf")
+    x = pcm.astype(np.float32) / 32768.0
+    energy = float(np.dot(x, x)) / x.size if x.size else 0.0
+    return 10.0 * np.log10(energy) if energy > 0 else float("-inf")
 
 
 @dataclass
@@ -48,10 +50,14 @@ class Sent:
 class Heard:
     t: float
     pcm: np.ndarray  # int16, 24 kHz mono
+    level: float = field(init=False)  # dBFS, computed once: queries run on every observation
+
+    def __post_init__(self) -> None:
+        self.level = dbfs(self.pcm)
 
     @property
     def voiced(self) -> bool:
-        return dbfs(self.pcm) > VOICED_DBFS
+        return self.level > VOICED_DBFS
 
 
 @dataclass
@@ -141,15 +147,16 @@ class RoomParticipant:
     # ------------------------------------------------------------------ speaking
     async def _stream_silence(self) -> None:
         """A live microphone never stops sending: silence between the clips."""
-        zero = np.zeros(FRAME, np.int16)
+        samples = RATE * SILENCE_MS // 1000
+        zero = rtc.AudioFrame(np.zeros(samples, np.int16).tobytes(), RATE, 1, samples)
         loop = asyncio.get_running_loop()
         start, n = loop.time(), 0
         while True:
             if not self._speaking.locked():
                 async with self._capture:
-                    await self.source.capture_frame(rtc.AudioFrame(zero.tobytes(), RATE, 1, FRAME))
+                    await self.source.capture_frame(zero)
             n += 1
-            delay = start + n * FRAME_MS / 1000 - loop.time()
+            delay = start + n * SILENCE_MS / 1000 - loop.time()
             if delay < -0.5:  # fell behind (busy machine): do not burst to catch up
                 start, n = loop.time(), 0
             elif delay > 0:
@@ -282,17 +289,19 @@ class RoomParticipant:
         self._poke()
 
     # ------------------------------------------------------------------ queries
+    def _heard_since(self, since: float) -> list[Heard]:
+        """The frames received at or after ``since`` (``heard`` is in arrival order: a bisection,
+        since the tests' conditions are re-checked on every frame and calls grow long)."""
+        return self.heard[bisect.bisect_left(self.heard, since, key=lambda h: h.t) :]
+
     def voiced_frames(self, since: float, until: float | None = None) -> list[Heard]:
-        return [h for h in self.heard if h.t >= since and (until is None or h.t <= until) and h.voiced]
+        return [h for h in self._heard_since(since) if (until is None or h.t <= until) and h.voiced]
 
     def voiced_ms(self, since: float, until: float | None = None) -> float:
         return len(self.voiced_frames(since, until)) * FRAME_MS
 
     def first_voiced(self, since: float) -> float | None:
-        for h in self.heard:
-            if h.t >= since and h.voiced:
-                return h.t
-        return None
+        return next((h.t for h in self._heard_since(since) if h.voiced), None)
 
     def last_voiced(self, since: float = 0.0) -> float | None:
         frames = self.voiced_frames(since)
@@ -303,9 +312,7 @@ class RoomParticipant:
         frames (None if it has not yet)."""
         last = None
         quiet = 0
-        for h in self.heard:
-            if h.t < since:
-                continue
+        for h in self._heard_since(since):
             if h.voiced:
                 last, quiet = h.t, 0
             else:

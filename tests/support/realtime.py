@@ -25,6 +25,8 @@ from sg2_runtime.server.app import CALLS_KEY, create_app
 from sg2_runtime.server.config import Settings, load_settings
 from sg2_runtime.server.runner import start_site
 
+from .gil import serve_switch_interval
+
 EVENT_TIMEOUT = 60.0
 API_KEY = "sk-test-sg2"
 
@@ -85,16 +87,17 @@ async def running_server(
     extensions: Iterable[Callable[[web.Application], None]] = (),
 ) -> AsyncIterator[RunningServer]:
     settings = settings or server_settings()
-    engine = Engine(models, engine_config or EngineConfig(max_sessions=4, max_positions=1024)).start()
-    try:
-        app = create_app(engine, settings, extensions=extensions)
-        runner, host, port = await start_site(app, settings)
+    with serve_switch_interval(settings.server.gil_switch_interval_ms):
+        engine = Engine(models, engine_config or EngineConfig(max_sessions=4, max_positions=1024)).start()
         try:
-            yield RunningServer(engine, app, settings, host, port)
+            app = create_app(engine, settings, extensions=extensions)
+            runner, host, port = await start_site(app, settings)
+            try:
+                yield RunningServer(engine, app, settings, host, port)
+            finally:
+                await runner.cleanup()
         finally:
-            await runner.cleanup()
-    finally:
-        await asyncio.to_thread(engine.shutdown)
+            await asyncio.to_thread(engine.shutdown)
 
 
 async def until(conn: Any, stop: Callable[[Any], bool], timeout: float = EVENT_TIMEOUT) -> list[Any]:
