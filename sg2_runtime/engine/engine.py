@@ -340,22 +340,19 @@ class Engine:
         audio) catches up in one multi-frame call: per frame that costs a fraction of single
         frames (per-call overhead dominates a streaming step), so a backlog shrinks instead of
         making every following tick slower."""
-        groups: dict[int, list[tuple[str, np.ndarray]]] = {}
-        slots: dict[int, list[int]] = {}
+        groups: dict[int, list[tuple[str, int, np.ndarray]]] = {}  # frames -> (sid, slot, audio)
         for sid, live in self._alive(lives):
             audio = live.conv.next_encode_input(MAX_ENCODE_FRAMES)
             if audio is not None:
-                k = audio.size // FRAME
-                groups.setdefault(k, []).append((sid, audio))
-                slots.setdefault(k, []).append(live.slot)
-        for k, batch in groups.items():
+                groups.setdefault(audio.size // FRAME, []).append((sid, live.slot, audio))
+        for batch in groups.values():
             tokens = self._batched(
-                [sid for sid, _ in batch],
-                lambda b=batch, s=slots[k]: self.runner.encode(s, np.stack([a for _, a in b])),
+                [sid for sid, _, _ in batch],
+                lambda b=batch: self.runner.encode([s for _, s, _ in b], np.stack([a for _, _, a in b])),
             )
             if tokens is None:
                 continue
-            for (sid, _), tok in zip(batch, tokens, strict=True):
+            for (sid, _, _), tok in zip(batch, tokens, strict=True):
                 self._guard(sid, lambda conv, t=tok: conv.add_frames(t))
         return bool(groups)
 
